@@ -1,0 +1,215 @@
+"""Dataset plumbing that knows no dataset: image sources, transforms, splits, loaders."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import Dataset, get_worker_info
+
+from .errors import ConfigError, DataError
+from .images import ImageDecodeError, load_rgb_array
+
+
+class FileImages:
+    """Images stored as files; ``paths`` relative to ``root``."""
+
+    def __init__(self, root: str | Path, paths: Sequence[str]):
+        self.root = Path(root)
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, row: int) -> str:
+        return self.paths[row]
+
+    def load(self, row: int) -> np.ndarray:
+        path = self.root / self.paths[row]
+        try:
+            return load_rgb_array(path)
+        except FileNotFoundError as exc:
+            raise DataError(f"missing image {path}") from exc
+        except ImageDecodeError as exc:
+            raise DataError(str(exc)) from exc
+
+
+class PackedImages:
+    """Images packed as one N x H x W x 3 uint8 .npy array, memory-mapped (one open per worker)."""
+
+    def __init__(self, array_path: str | Path, paths: Sequence[str]):
+        self.array_path = Path(array_path)
+        self.paths = list(paths)
+        self._array: np.ndarray | None = None
+        if not self.array_path.is_file():
+            raise DataError(f"missing packed image array {self.array_path}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_array": None}  # workers re-open the map instead of pickling pages
+
+    def name(self, row: int) -> str:
+        return self.paths[row]
+
+    def load(self, row: int) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.array_path, mmap_mode="r")
+            if self._array.ndim != 4 or self._array.shape[0] != len(self.paths) or self._array.shape[3] != 3:
+                raise DataError(f"{self.array_path}: shape {self._array.shape} does not match {len(self.paths)} manifest rows x H x W x 3")
+        return np.array(self._array[row])
+
+
+@dataclass
+class EvalGeometry:
+    """The deterministic resize (+ centre crop) of evaluation, with the box arithmetic it implies."""
+
+    image_size: int
+    resize_size: int
+    mode: str = "resize_crop"
+
+    def __post_init__(self) -> None:
+        if self.mode == "resize_crop" and self.resize_size < self.image_size:
+            raise ConfigError(f"data.resize_size ({self.resize_size}) must be >= data.image_size ({self.image_size}) for eval_mode resize_crop")
+
+    def plan(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop x0, crop y0)."""
+        if self.mode == "resize":
+            return self.image_size, self.image_size, 0, 0
+        scale = self.resize_size / min(width, height)
+        new_w, new_h = max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale))
+        return new_w, new_h, (new_w - self.image_size) // 2, (new_h - self.image_size) // 2
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image resized and cropped; boxes (T x 4, x y w h, NaN rows kept) mapped and clipped to the
+        crop; the crop region in the original image's pixels (x y w h)."""
+        height, width = image.shape[:2]
+        new_w, new_h, x0, y0 = self.plan(width, height)
+        interpolation = cv2.INTER_AREA if new_w < width else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+        out = resized[y0 : y0 + self.image_size, x0 : x0 + self.image_size]
+        sx, sy = new_w / width, new_h / height
+        x1 = np.clip(boxes[:, 0] * sx - x0, 0, self.image_size)
+        y1 = np.clip(boxes[:, 1] * sy - y0, 0, self.image_size)
+        x2 = np.clip((boxes[:, 0] + boxes[:, 2]) * sx - x0, 0, self.image_size)
+        y2 = np.clip((boxes[:, 1] + boxes[:, 3]) * sy - y0, 0, self.image_size)
+        mapped = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1).astype(np.float32)
+        crop = np.array([x0 / sx, y0 / sy, self.image_size / sx, self.image_size / sy], dtype=np.float32)
+        return np.ascontiguousarray(out), mapped, crop
+
+
+def _normalize(cfg: dict[str, Any]) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=cfg["data"]["mean"], std=cfg["data"]["std"]), ToTensorV2()]
+
+
+def train_transform(cfg: dict[str, Any]) -> A.Compose:
+    """The training augmentation pipeline described by ``cfg['data']``."""
+    data = cfg["data"]
+    size = (data["image_size"], data["image_size"])
+    crop = {
+        "random_resized": lambda: [A.RandomResizedCrop(size=size, scale=(data["min_scale"], 1.0))],
+        "resize_random_crop": lambda: [A.SmallestMaxSize(max_size=data["resize_size"]), A.RandomCrop(*size, pad_if_needed=True)],
+        "resize": lambda: [A.Resize(*size)],
+    }[data["train_crop"]]()
+    steps = crop + ([A.HorizontalFlip(p=0.5)] if data["hflip"] else [])
+    if data["color_jitter"] > 0:
+        j = data["color_jitter"]
+        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
+    return A.Compose(steps + _normalize(cfg), strict=True)
+
+
+def eval_transform(cfg: dict[str, Any]) -> tuple[EvalGeometry, A.Compose]:
+    data = cfg["data"]
+    return EvalGeometry(data["image_size"], data["resize_size"], data["eval_mode"]), A.Compose(_normalize(cfg), strict=True)
+
+
+@dataclass
+class ImageDataset(Dataset):
+    """Rows ``rows`` of an image source with their targets; ``boxes`` (rows x T x 4) only for eval.
+
+    Training items: image, target, index. Evaluation items add ``box`` (mapped into the network
+    input, NaN where absent) and ``crop_box`` (the region of the stored image the network saw).
+    """
+
+    source: FileImages | PackedImages
+    rows: np.ndarray
+    targets: np.ndarray  # per source row: int labels (N,) or 0/1 attributes (N, T)
+    train: bool
+    cfg: dict[str, Any]
+    boxes: np.ndarray | None = None  # per source row: (N, T, 4) x y w h, NaN where absent
+    transform: A.Compose = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        if self.train:
+            self.transform = train_transform(self.cfg)
+        else:
+            self.geometry, self.transform = eval_transform(self.cfg)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def name(self, index: int) -> str:
+        return self.source.name(int(self.rows[index]))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = int(self.rows[index])
+        image = self.source.load(row)
+        target = torch.as_tensor(self.targets[row])
+        if self.train:
+            return {"image": self.transform(image=image)["image"], "target": target, "index": index}
+        boxes = self.boxes[row] if self.boxes is not None else np.full((1, 4), np.nan, dtype=np.float32)
+        image, boxes, crop = self.geometry(image, boxes)
+        return {
+            "image": self.transform(image=image)["image"],
+            "target": target,
+            "index": index,
+            "box": torch.from_numpy(boxes),
+            "crop_box": torch.from_numpy(crop),
+        }
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions 0..N-1 into (keep, holdout) with ``fraction`` of every class held out.
+
+    ``labels``: class ids (N,) or, for multi-label data, a 0/1 matrix whose rows are grouped by
+    their rarest positive attribute. Every class with 2+ samples keeps at least one on each side.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {fraction}")
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        frequency = labels.sum(axis=0)
+        rarity = np.where(labels > 0, frequency[None, :], np.inf)
+        labels = np.where(labels.any(axis=1), rarity.argmin(axis=1), -1)
+    rng = np.random.default_rng(seed)
+    holdout = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = int(round(len(members) * fraction))
+        if len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        holdout.extend(members[:count].tolist())
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[holdout] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def seed_augmentations(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give every worker (and epoch) its own augmentation stream.
+
+    albumentations 2.0.8's Compose keeps its own RNG, which forked workers would copy and replay.
+    The worker seed torch hands out already differs per worker, epoch and (with a seeded sampler) rank.
+    """
+    info = get_worker_info()
+    dataset = info.dataset
+    while hasattr(dataset, "dataset"):  # unwrap Subset-like wrappers
+        dataset = dataset.dataset
+    if hasattr(dataset, "transform"):
+        dataset.transform.set_random_seed(info.seed % 2**32)

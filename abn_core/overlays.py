@@ -1,0 +1,67 @@
+"""Attention overlays: the map upsampled to the input, colour-mapped, blended, laid out in PNG grids."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+CAPTION_HEIGHT = 14
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 with the jet colour map (blue low, red high)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """N x 3 x H x W normalised tensors -> N x H x W x 3 uint8."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    pixels = (images.float().cpu() * s + m).clamp(0, 1) * 255
+    return pixels.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+
+
+def blend(image: np.ndarray, attention: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """Overlay one h x w map, min-max normalised and upsampled to the image, on an H x W x 3 image."""
+    h, w = image.shape[:2]
+    up = F.interpolate(attention.float()[None, None].cpu(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * jet(up.numpy()).astype(np.float32)
+    return mixed.round().astype(np.uint8)
+
+
+def _tile(image: np.ndarray, caption: str) -> Image.Image:
+    h, w = image.shape[:2]
+    tile = Image.new("RGB", (w, h + CAPTION_HEIGHT), "white")
+    tile.paste(Image.fromarray(image), (0, CAPTION_HEIGHT))
+    ImageDraw.Draw(tile).text((2, 1), caption, fill="black")
+    return tile
+
+
+def save_grid(path: str | Path, rows: Sequence[tuple[np.ndarray, torch.Tensor, str]], min_width: int = 160) -> Path:
+    """Write a PNG with one (image | overlay) pair per row; each row captioned (e.g. 'true: a / pred: b').
+
+    Small inputs are enlarged (nearest) to ``min_width`` so captions and maps stay readable.
+    """
+    tiles = []
+    for image, attention, caption in rows:
+        scale = max(1, int(np.ceil(min_width / image.shape[1])))
+        big = np.kron(image, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else image
+        tiles.append((_tile(big, caption), _tile(blend(big, attention), "attention")))
+    width = max(a.width + b.width for a, b in tiles)
+    grid = Image.new("RGB", (width, sum(a.height for a, _ in tiles)), "white")
+    y = 0
+    for left, right in tiles:
+        grid.paste(left, (0, y))
+        grid.paste(right, (left.width, y))
+        y += left.height
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path

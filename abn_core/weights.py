@@ -1,0 +1,85 @@
+"""Loading weights into an ABN: torchvision weight names, torchvision/our state dicts on disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import models
+
+from .backbones import BACKBONES
+from .errors import CheckpointError, ConfigError
+from .model import ABN
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file, never unpickling arbitrary objects.
+
+    Unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and DataParallel ``module.`` prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a crafted or corrupt file: refuse it, whatever the loader raised
+        raise CheckpointError(f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def torchvision_state_dict(backbone: str, weights_name: str) -> dict[str, torch.Tensor]:
+    """Download (on users' machines) and return torchvision's weights ``weights_name`` for ``backbone``."""
+    tv_name = BACKBONES[backbone].torchvision_name
+    if tv_name is None:
+        raise ConfigError(f"model.pretrained: torchvision has no weights for {backbone}; give a local file or null")
+    enum = models.get_model_weights(tv_name)
+    valid = [w.name for w in enum] + ["DEFAULT"]
+    if weights_name not in valid:
+        raise ConfigError(
+            f"model.pretrained: {weights_name!r} is neither an existing file nor a torchvision weights name "
+            f"for {backbone} ({', '.join(valid)})"
+        )
+    return enum[weights_name].get_state_dict(progress=True)
+
+
+def load_pretrained(model: ABN, backbone: str, source: str) -> dict[str, list[str]]:
+    """Fill ``model`` from ``source`` (a file or a torchvision weights name) where names and shapes match.
+
+    The paper head's stage copy, when absent from the source, starts from the last stage's weights.
+    Returns and prints which tensors were loaded, newly initialised, or skipped for shape.
+    """
+    state = read_state_dict(source) if Path(source).exists() else torchvision_state_dict(backbone, source)
+    own = model.state_dict()
+    stage_prefix = "attention_branch.stage."
+    if not any(k.startswith(stage_prefix) for k in state):
+        last = model.last_stage_name + "."
+        state = dict(state) | {stage_prefix + k[len(last):]: v for k, v in state.items() if k.startswith(last)}
+    loaded, mismatched = {}, []
+    for key, value in state.items():
+        if key in own and own[key].shape == value.shape:
+            loaded[key] = value
+        elif key in own:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+    if not loaded:
+        raise CheckpointError(f"{source}: no tensor matches {backbone}'s parameter names and shapes")
+    model.load_state_dict(loaded, strict=False)
+    report = {
+        "loaded": sorted(loaded),
+        "new": sorted(k for k in own if k not in loaded),
+        "shape_mismatch": mismatched,
+    }
+    new_groups = sorted({k.split(".")[0] for k in report["new"]})
+    print(
+        f"pretrained {source}: loaded {len(loaded)} tensors; newly initialised: {', '.join(new_groups) or 'none'}"
+        + (f"; skipped for shape: {', '.join(mismatched)}" if mismatched else "")
+    )
+    return report

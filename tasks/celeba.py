@@ -1,0 +1,27 @@
+"""CelebA 40-attribute recognition with one attention map per attribute: ``accelerate launch -m tasks.celeba``.
+
+With no data configured it trains on the multi-label demo data. For CelebA:
+``python data_prep/celeba.py --src PATH --out DIR`` then ``data.root=DIR``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from abn_core.cli import run
+from abn_core.task import Task
+from tasks.common import multi_label_data
+
+TASK = Task(
+    name="celeba",
+    build_data=multi_label_data,
+    demo_note="For CelebA: python data_prep/celeba.py --src PATH --out DIR, then data.root=DIR.",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(TASK, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
