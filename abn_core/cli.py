@@ -23,7 +23,7 @@ def parse_args(task: Task, argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="eval/explain: a run directory or a checkpoint inside it")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("items", nargs="*", help="KEY=VALUE overrides (and, for explain, images or folders)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.command not in COMMANDS:
         # Allow overrides without a command: `python -m tasks.x train.epochs=3`.
         args.items.insert(0, args.command)

@@ -16,7 +16,7 @@ def jet(values: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] to RGB uint8 with the jet colour map (blue low, red high)."""
     v = np.clip(values, 0.0, 1.0)[..., None]
     rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-    return (rgb * 255).astype(np.uint8)
+    return (rgb * 255).round().astype(np.uint8)
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -44,23 +44,27 @@ def _tile(image: np.ndarray, caption: str) -> Image.Image:
     return tile
 
 
-def save_grid(path: str | Path, rows: Sequence[tuple[np.ndarray, torch.Tensor, str]], min_width: int = 160) -> Path:
-    """Write a PNG with one (image | overlay) pair per row; each row captioned (e.g. 'true: a / pred: b').
-
-    Small inputs are enlarged (nearest) to ``min_width`` so captions and maps stay readable.
-    """
-    tiles = []
-    for image, attention, caption in rows:
+def save_grid(
+    path: str | Path, items: Sequence[tuple[np.ndarray, torch.Tensor, str]], columns: int = 4, min_width: int = 128
+) -> Path:
+    """Write a PNG grid of (image | overlay) pairs, ``columns`` pairs per row, each captioned
+    (e.g. 'true: a / pred: b'). Small inputs are enlarged (nearest) to ``min_width`` so captions and
+    maps stay readable."""
+    pairs = []
+    for image, attention, caption in items:
         scale = max(1, int(np.ceil(min_width / image.shape[1])))
         big = np.kron(image, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else image
-        tiles.append((_tile(big, caption), _tile(blend(big, attention), "attention")))
-    width = max(a.width + b.width for a, b in tiles)
-    grid = Image.new("RGB", (width, sum(a.height for a, _ in tiles)), "white")
-    y = 0
-    for left, right in tiles:
-        grid.paste(left, (0, y))
-        grid.paste(right, (left.width, y))
-        y += left.height
+        left, right = _tile(big, caption), _tile(blend(big, attention), "attention")
+        pair = Image.new("RGB", (left.width + right.width + 4, max(left.height, right.height) + 4), "white")
+        pair.paste(left, (0, 0))
+        pair.paste(right, (left.width, 0))
+        pairs.append(pair)
+    cell_w, cell_h = max(p.width for p in pairs), max(p.height for p in pairs)
+    columns = min(columns, len(pairs))
+    rows = -(-len(pairs) // columns)
+    grid = Image.new("RGB", (cell_w * columns, cell_h * rows), "white")
+    for k, pair in enumerate(pairs):
+        grid.paste(pair, ((k % columns) * cell_w, (k // columns) * cell_h))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -6,7 +6,6 @@ With no data configured it trains on the multi-label demo data. For CelebA:
 from __future__ import annotations
 
 import sys
-from typing import Sequence
 
 from abn_core.cli import run
 from abn_core.task import Task
@@ -18,10 +17,5 @@ TASK = Task(
     demo_note="For CelebA: python data_prep/celeba.py --src PATH --out DIR, then data.root=DIR.",
 )
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(TASK, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(TASK))

@@ -6,7 +6,6 @@ with manifest.csv, or ``demo``.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
 
 from abn_core.cli import run
 from abn_core.task import Task
@@ -18,10 +17,5 @@ TASK = Task(
     demo_note="For your own data: data.root=/path/to/imagefolder (root/<class>/<image> or root/{train,val,test}/<class>/<image>).",
 )
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(TASK, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(TASK))

@@ -79,7 +79,18 @@ def _split_rows(frame: pd.DataFrame, labels: np.ndarray, cfg: dict[str, Any]) ->
         notes.append(f"validation = {cfg['data']['val_fraction']:.0%} of train, stratified (the data has no validation split)")
     if len(test) == 0:
         notes.append("the data has no test split: final results are on the validation split")
+    limit = cfg["data"]["max_per_split"]
+    if limit > 0:
+        train, val, test = (_spread(rows, limit) for rows in (train, val, test))
+        notes.append(f"data.max_per_split={limit}: a subset of every split (smoke run)")
     return train, val, (test if len(test) else None), notes
+
+
+def _spread(rows: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` rows, evenly spaced so that class-sorted data keeps every class."""
+    if len(rows) <= limit:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, num=limit).round().astype(int)]
 
 
 def _boxes(frame: pd.DataFrame, groups: list[list[str]]) -> np.ndarray | None:
@@ -165,7 +176,7 @@ def multi_label_data(cfg: dict[str, Any]) -> TaskData:
         raise DataError(f"data.root: {manifest} not found (prepare the data with data_prep first)")
     frame, info = read_manifest(root)
     _require(frame, ["path", "split"], manifest)
-    attributes = info.get("attributes") or _binary_columns(frame)
+    attributes = info.get("attributes") or _attribute_columns(frame)
     _require(frame, attributes, manifest)
     targets = frame[attributes].to_numpy()
     if not np.isin(targets, (0, 1)).all():
@@ -177,6 +188,7 @@ def multi_label_data(cfg: dict[str, Any]) -> TaskData:
     return TaskData(train, val, test, list(attributes), multi_label=True, notes=notes)
 
 
-def _binary_columns(frame: pd.DataFrame) -> list[str]:
-    skip = {"image", "path", "split", "image_id", "identity"}
-    return [c for c in frame.columns if c not in skip and frame[c].isin((0, 1)).all()]
+def _attribute_columns(frame: pd.DataFrame) -> list[str]:
+    """Without prep_info.json: every column that is not an id, path, split, landmark or box."""
+    skip = {"image", "path", "split", "image_id", "identity", "width", "height"}
+    return [c for c in frame.columns if c not in skip and not c.startswith("bbox_") and not c.endswith(("_x", "_y"))]
