@@ -1,0 +1,14 @@
+"""abn_core: the Attention Branch Network (Fukui et al., CVPR 2019) and its training engine.
+
+Knows nothing about any dataset: task plugins in ``tasks/`` supply data and choose the head.
+"""
+from .backbones import BACKBONES
+from .errors import CheckpointError, ConfigError, DataError, UserError
+from .losses import ABNLoss
+from .model import ABN, ABNOutput, build_model
+from .weights import load_pretrained, read_state_dict
+
+__all__ = [
+    "ABN", "ABNLoss", "ABNOutput", "BACKBONES", "CheckpointError", "ConfigError", "DataError", "UserError",
+    "build_model", "load_pretrained", "read_state_dict",
+]
