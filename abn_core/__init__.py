@@ -6,9 +6,10 @@ from .backbones import BACKBONES
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .losses import ABNLoss
 from .model import ABN, ABNOutput, build_model
+from .official import load_official_checkpoint
 from .weights import load_pretrained, read_state_dict
 
 __all__ = [
     "ABN", "ABNLoss", "ABNOutput", "BACKBONES", "CheckpointError", "ConfigError", "DataError", "UserError",
-    "build_model", "load_pretrained", "read_state_dict",
+    "build_model", "load_official_checkpoint", "load_pretrained", "read_state_dict",
 ]

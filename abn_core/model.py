@@ -94,7 +94,8 @@ class ABN(nn.Module):
 
     def _shared_perception(self, features: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         final = self.last_stage(features)
-        weights = 1.0 + F.adaptive_avg_pool2d(maps, final.shape[-2:])
+        # Plain ints (not traced shape values) so ONNX export at a fixed image size sees constants.
+        weights = 1.0 + F.adaptive_avg_pool2d(maps, tuple(int(s) for s in final.shape[-2:]))
         # Score every location with every attribute's classifier row first (N x T x h x w, small),
         # so the N x T x C attended feature vectors are never materialised.
         scores = torch.einsum("tc,nchw->nthw", self.fc.weight.to(final.dtype), final)
