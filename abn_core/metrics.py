@@ -92,7 +92,9 @@ def localisation_scores(maps: torch.Tensor, boxes: torch.Tensor, size: int, tole
     up = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
     flat = up.flatten(2)
     low, high = flat.min(dim=2, keepdim=True).values, flat.max(dim=2, keepdim=True).values
-    norm = ((flat - low) / (high - low).clamp_min(1e-12)).reshape(n, t, size, size)
+    spread = high - low
+    # A constant map is uniform attention (all ones), not zero attention.
+    norm = torch.where(spread > 1e-12, (flat - low) / spread.clamp_min(1e-12), torch.ones_like(flat)).reshape(n, t, size, size)
     peak = flat.argmax(dim=2)
     peak_y, peak_x = (peak // size).float() + 0.5, (peak % size).float() + 0.5  # pixel centres
     x1, y1 = boxes[..., 0], boxes[..., 1]
