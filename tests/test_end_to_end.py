@@ -62,7 +62,8 @@ def test_resume_auto_continues_a_finished_run(classification_run, capsys):
 @pytest.mark.slow
 def test_multi_label_run_writes_per_attribute_results_and_maps(tmp_path):
     out = tmp_path / "celeba"
-    args = ["train", f"output_dir={out}", "train.epochs=1", "eval.save_maps=true", "model.perception=per_attribute", *TINY]
+    args = ["train", f"output_dir={out}", "train.epochs=1", "eval.save_maps=true", "model.perception=per_attribute", *TINY,
+            "data.max_per_split=32"]
     assert run(celeba.TASK, args) == 0
     per_attribute = pd.read_csv(out / "results/test_per_attribute.csv")
     assert list(per_attribute.columns) == ["attribute", "accuracy", "balanced_accuracy", "precision", "recall", "f1",
@@ -73,6 +74,6 @@ def test_multi_label_run_writes_per_attribute_results_and_maps(tmp_path):
     assert "| mean " in (out / "results/test_per_attribute.md").read_text()
     assert len(list((out / "attention").glob("test_*.png"))) >= 5
     maps = np.load(out / "attention/test_maps.npz")
-    assert maps["maps"].shape == (64, 10, 16, 16) and maps["maps"].dtype == np.float16
-    assert maps["crop_boxes"].shape == (64, 4) and len(maps["paths"]) == 64
+    assert maps["maps"].shape == (32, 10, 16, 16) and maps["maps"].dtype == np.float16
+    assert maps["crop_boxes"].shape == (32, 4) and len(maps["paths"]) == 32
     np.testing.assert_allclose(maps["crop_boxes"][0], [0, 0, 64, 64])  # demo images are 64 px, resized whole
