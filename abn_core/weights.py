@@ -67,14 +67,19 @@ def torchvision_state_dict(backbone: str, weights_name: str) -> dict[str, torch.
 
 
 def load_pretrained(model: ABN, backbone: str, source: str) -> dict[str, list[str]]:
-    """Fill ``model`` from ``source`` (a file or a torchvision weights name) where names and shapes match.
+    """Fill ``model`` from ``source`` where names and shapes match: a weights file, a run directory
+    (its best weights), or a torchvision weights name.
 
     The paper head's stage copy, when absent from the source, starts from the last stage's weights.
     Returns and prints which tensors were loaded, newly initialised, or skipped for shape.
     """
+    from .checkpoints import find_weights  # checkpoints imports this module
     from .official import from_official_names, is_official_state  # official imports this module
 
-    state = read_state_dict(source) if Path(source).exists() else torchvision_state_dict(backbone, source)
+    path = Path(source)
+    if path.is_dir():
+        path = find_weights(path)[1]
+    state = read_state_dict(path) if path.exists() else torchvision_state_dict(backbone, source)
     if is_official_state(state):  # the authors' ABN checkpoint: att_layer4, bn_att, ... -> attention_branch.*
         state = from_official_names(state)
     own = model.state_dict()

@@ -143,3 +143,17 @@ def test_unknown_names_are_config_errors():
         build_model("resnet18", 10, attention="fancy")
     with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
         build_model("resnet18", 10, pretrained="IMAGENET_NOPE")
+
+
+def test_pretrained_run_directory_loads_its_best_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    trained = build_model("cifar_resnet20", num_classes=4)
+    best = tmp_path / "run" / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(best / "model.safetensors"))
+    (tmp_path / "run" / "config.yaml").write_text("model:\n  backbone: cifar_resnet20\n")
+    model = build_model("cifar_resnet20", num_classes=4, pretrained=str(tmp_path / "run"))
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
