@@ -28,8 +28,9 @@ CRASH_ENV = "ABN_SUITE_CRASH_AT"
 
 
 def crash_point(name: str) -> None:
-    """Test hook: SIGKILL this process when ``$ABN_SUITE_CRASH_AT`` equals ``name`` (e.g. ``e1b3``
-    after epoch 1's third batch, ``save-e1b4-filled`` inside that checkpoint's write)."""
+    """Test hook: SIGKILL this process when ``$ABN_SUITE_CRASH_AT`` equals ``name``: ``e2b3`` after epoch
+    2's third batch; ``save-1.0-filled`` inside the write of the state after 1 epoch and 0 batches
+    (phases: filled, marked, moved_old, swapped)."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -101,7 +102,7 @@ def save_training_state(
     """Write checkpoints/last/ (main process; every process must call this)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tag = f"save-e{progress.epochs_done + (progress.batches_done > 0)}b{progress.batches_done}"
+        tag = f"save-{progress.epochs_done}.{progress.batches_done}"  # state after N epochs and B batches
 
         def fill(directory: Path) -> None:
             save_file(_cpu_state(accelerator.unwrap_model(model)), str(directory / "model.safetensors"))
