@@ -214,6 +214,8 @@ def train_one_epoch(
             )
         else:
             optimizer.zero_grad(set_to_none=True)
+            if accelerator.is_main_process:
+                print(f"non-finite loss at epoch {epoch + 1}, batch {progress.batches_done + 1}: step skipped (train.on_nonfinite=skip)")
         if boundary:
             if losses is not None:
                 _optimizer_step(accelerator, model, optimizer, cfg)
