@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -23,7 +23,7 @@ from . import config as config_lib
 from .checkpoints import (Progress, crash_point, find_weights, load_training_state, load_weights, save_best_weights,
                           save_training_state)
 from .data import EpochSampler, ImageDataset, collate_skipping_bad
-from .errors import ConfigError, NumericalError
+from .errors import ConfigError, DataError, NumericalError
 from .files import atomic_write_text, is_complete, recover_dir
 from .evaluation import predict, result_tables, save_maps, summary_dict, write_overlays, write_tables
 from .losses import ABNLoss
@@ -200,22 +200,15 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", initial=progress.batches_done, total=total,
                disable=not accelerator.is_main_process, leave=False)
     for batch in bar:
-        progress.skipped_images += batch.pop("skipped")
+        progress.skipped_images += batch["skipped"]
         boundary = (progress.batches_done + 1) % t["grad_accum_steps"] == 0 or progress.batches_done + 1 == total
         for group in optimizer.param_groups:
             group["lr"] = t["lr"] * lr_factor(progress.step, steps_per_epoch, cfg)
         losses = _forward_backward(accelerator, model, criterion, batch, cfg, boundary, f"e{epoch + 1}b{progress.batches_done + 1}")
         if losses is not None:
             sums += losses
-        elif t["on_nonfinite"] == "stop":
-            raise NumericalError(
-                f"non-finite loss at epoch {epoch + 1}, batch {progress.batches_done + 1}: stopped; checkpoints/last still holds the "
-                "last good state (lower train.lr, set train.grad_clip, or train.on_nonfinite=skip)"
-            )
         else:
-            optimizer.zero_grad(set_to_none=True)
-            if accelerator.is_main_process:
-                print(f"non-finite loss at epoch {epoch + 1}, batch {progress.batches_done + 1}: step skipped (train.on_nonfinite=skip)")
+            _skip_or_stop(accelerator, optimizer, cfg, f"epoch {epoch + 1}, batch {progress.batches_done + 1}")
         if boundary:
             if losses is not None:
                 _optimizer_step(accelerator, model, optimizer, cfg)
@@ -236,6 +229,9 @@ def _forward_backward(
     """Backward pass of one batch; returns (loss, loss_att, loss_per, 1) averaged over processes, or
     None (nothing backpropagated) when the loss is non-finite on any process."""
     if "image" not in batch:  # every image of the batch was skipped as undecodable: nothing to count
+        if accelerator.num_processes > 1:  # the other processes would wait for this one's gradients forever
+            raise DataError(f"every image of a training batch failed to decode ({', '.join(batch['skipped'])}); "
+                            "data.on_bad_image=skip on several processes needs a decodable image in every batch")
         return torch.zeros(4, device=accelerator.device)
     images, targets = batch["image"].to(accelerator.device), batch["target"].to(accelerator.device)
     if cfg["model"]["channels_last"]:
@@ -252,6 +248,16 @@ def _forward_backward(
             return None
         accelerator.backward(losses["loss"] / cfg["train"]["grad_accum_steps"])
     return values
+
+
+def _skip_or_stop(accelerator: Accelerator, optimizer: torch.optim.Optimizer, cfg: dict[str, Any], where: str) -> None:
+    """A non-finite loss: stop before anything is saved over checkpoints/last, or drop this step's gradients."""
+    if cfg["train"]["on_nonfinite"] == "stop":
+        raise NumericalError(f"non-finite loss at {where}: stopped; checkpoints/last still holds the last good state "
+                             "(lower train.lr, set train.grad_clip, or train.on_nonfinite=skip)")
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.is_main_process:
+        print(f"non-finite loss at {where}: step skipped (train.on_nonfinite=skip)")
 
 
 def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict[str, Any]) -> None:
@@ -295,7 +301,10 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def _report_skipped(accelerator: Accelerator, progress: Progress) -> None:
-    skipped = sorted(set(progress.skipped_images))
+    skipped = progress.skipped_images
+    if accelerator.num_processes > 1:
+        skipped = gather_object(skipped)
+    skipped = sorted(set(skipped))
     if skipped and accelerator.is_main_process:
         print(f"data.on_bad_image=skip: skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:20])}"
               + (" ..." if len(skipped) > 20 else ""))
