@@ -128,11 +128,6 @@ def load_training_state(
     return Progress.from_json((directory / "progress.json").read_text())
 
 
-def resumable(directory: Path) -> Path | None:
-    """``directory`` (recovered after a crash mid-write) when it holds a complete training state."""
-    return recover_dir(directory)
-
-
 def save_best_weights(model: torch.nn.Module, run_dir: Path, info: dict[str, Any]) -> None:
     """Write checkpoints/best/ (main process only): weights as safetensors and what they scored."""
 
