@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from abn_core.cli import run
+from abn_core.config import load_config
 from abn_core.data import EvalGeometry
 from abn_core.metrics import localisation_scores, localisation_summary, part_pointing_scores
 from cub_fixture import make_cub_folder
@@ -80,7 +81,7 @@ def test_cub_run_writes_every_output(tmp_path):
     src, prepared, out = tmp_path / "src", tmp_path / "prepared", tmp_path / "run"
     make_cub_folder(src, n_classes=4, images_per_class=6, size=64, n_parts=3, shuffle_rows=True)
     assert prep_cub.main(["--src", str(src), "--out", str(prepared), "--short-side", "48", "--workers", "0"]) == 0
-    args = ["train", f"data.root={prepared}", f"output_dir={out}", "model.backbone=cifar_resnet20", "data.image_size=32",
+    args = ["train", f"data.root={prepared}", f"output_dir={out}", "model.backbone=cifar_resnet20", "model.pretrained=null", "data.image_size=32",
             "data.resize_size=40", "data.num_workers=0", "train.epochs=1", "train.batch_size=8", "eval.batch_size=8",
             "eval.save_maps=true", "eval.max_attention_images=4", "data.val_fraction=0.25"]
     assert run(cub.TASK, args) == 0
@@ -111,3 +112,15 @@ def test_cub_run_writes_every_output(tmp_path):
     x, y, w, h = maps["crop_boxes"].T
     np.testing.assert_allclose(w, sizes.min(axis=1) * 32 / 40, rtol=0.05)
     assert (x >= 0).all() and (y >= 0).all() and (x + w <= sizes[:, 0] + 0.5).all() and (y + h <= sizes[:, 1] + 0.5).all()
+
+
+@pytest.mark.parametrize("extra", [None, "configs/cub_light.yaml", "configs/cub_smoke.yaml"])
+def test_cub_configs_load_with_the_paper_recipe(extra):
+    cfg = load_config("cub", extra, ["data.root=/data/cub"])  # a real root: the demo section stays out
+    assert cfg["model"]["attention"] == ("light" if extra and "light" in extra else "paper")
+    if extra is None:
+        assert (cfg["data"]["image_size"], cfg["data"]["train_crop"], cfg["data"]["eval_mode"]) == (448, "resize_random_crop", "resize_crop")
+        assert (cfg["model"]["backbone"], cfg["model"]["pretrained"]) == ("resnet50", "IMAGENET1K_V2")
+        train = cfg["train"]
+        assert (train["optimizer"], train["lr"], train["momentum"], train["weight_decay"], train["schedule"]) == ("sgd", 0.01, 0.9, 5e-4, "cosine")
+        assert train["warmup_epochs"] > 0
