@@ -76,11 +76,34 @@ def test_summary_averages_pointing_over_classes_and_skips_missing_parts():
     assert "pointing_game_parts" not in localisation_summary({k: v for k, v in scores.items() if k != "parts"}, groups)
 
 
-@pytest.mark.slow
-def test_cub_run_writes_every_output(tmp_path):
-    src, prepared, out = tmp_path / "src", tmp_path / "prepared", tmp_path / "run"
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tiny CUB release (4 classes, 3 parts, shuffled rows, quirky files) through data_prep."""
+    src, out = tmp_path_factory.mktemp("cub_src"), tmp_path_factory.mktemp("cub_prepared")
     make_cub_folder(src, n_classes=4, images_per_class=6, size=64, n_parts=3, shuffle_rows=True)
-    assert prep_cub.main(["--src", str(src), "--out", str(prepared), "--short-side", "48", "--workers", "0"]) == 0
+    assert prep_cub.main(["--src", str(src), "--out", str(out), "--short-side", "48", "--workers", "0"]) == 0
+    return out
+
+
+def test_eval_items_carry_parts_inside_their_boxes(prepared):
+    # The fixture draws every visible part inside the object's box; both must survive resize + crop alike.
+    cfg = load_config("cub", None, [f"data.root={prepared}", "data.image_size=32", "data.resize_size=40"])
+    data = cub.TASK.build_data(cfg)
+    visible_seen = 0
+    for index in range(len(data.test)):
+        item = data.test[index]
+        (x, y, w, h), points = item["box"][0].tolist(), item["points"]
+        assert points.shape == (3, 2)
+        inside_crop = [p for p in points.tolist() if not math.isnan(p[0]) and 0 <= p[0] < 32 and 0 <= p[1] < 32]
+        for px, py in inside_crop:
+            assert x - 0.5 <= px <= x + w + 0.5 and y - 0.5 <= py <= y + h + 0.5
+        visible_seen += len(inside_crop)
+    assert visible_seen > 0
+
+
+@pytest.mark.slow
+def test_cub_run_writes_every_output(prepared, tmp_path):
+    out = tmp_path / "run"
     args = ["train", f"data.root={prepared}", f"output_dir={out}", "model.backbone=cifar_resnet20", "model.pretrained=null", "data.image_size=32",
             "data.resize_size=40", "data.num_workers=0", "train.epochs=1", "train.batch_size=8", "eval.batch_size=8",
             "eval.save_maps=true", "eval.max_attention_images=4", "data.val_fraction=0.25"]
