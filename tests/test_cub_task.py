@@ -10,7 +10,8 @@ from abn_core.cli import run
 from abn_core.config import load_config
 from abn_core.data import EvalGeometry
 from abn_core.metrics import localisation_scores, localisation_summary, part_pointing_scores
-from cub_fixture import make_cub_folder
+from abn_core.overlays import denormalize
+from cub_fixture import make_cub_folder, object_mask
 from data_prep import cub as prep_cub
 from tasks import cub
 
@@ -99,6 +100,22 @@ def test_eval_items_carry_parts_inside_their_boxes(prepared):
             assert x - 0.5 <= px <= x + w + 0.5 and y - 0.5 <= py <= y + h + 0.5
         visible_seen += len(inside_crop)
     assert visible_seen > 0
+
+
+def test_a_map_of_the_object_itself_scores_as_localised(prepared):
+    # Oracle attention: the object's own pixels in the image the network sees, pooled to 8 x 8 like a
+    # backbone map. If boxes and maps were mapped differently it would miss its box.
+    cfg = load_config("cub", None, [f"data.root={prepared}", "data.image_size=32", "data.resize_size=40"])
+    data = cub.TASK.build_data(cfg)
+    items = [data.test[i] for i in range(len(data.test))]
+    images = denormalize(torch.stack([item["image"] for item in items]), cfg["data"]["mean"], cfg["data"]["std"])
+    masks = torch.from_numpy(np.stack([object_mask(image) for image in images])).float()[:, None]
+    maps = torch.nn.functional.avg_pool2d(masks, 4)
+    scores = localisation_scores(maps, torch.stack([item["box"] for item in items]), size=32, tolerance=0)
+    valid = torch.isfinite(scores["pointing"])
+    assert valid.sum() >= len(items) // 2
+    assert scores["pointing"][valid].mean() == 1.0
+    assert scores["energy"][valid].mean() > 2 * scores["uniform"][valid].mean()
 
 
 @pytest.mark.slow
