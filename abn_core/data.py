@@ -95,13 +95,24 @@ class EvalGeometry:
         resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
         out = resized[y0 : y0 + self.image_size, x0 : x0 + self.image_size]
         sx, sy = new_w / width, new_h / height
-        x1 = np.clip(boxes[:, 0] * sx - x0, 0, self.image_size)
-        y1 = np.clip(boxes[:, 1] * sy - y0, 0, self.image_size)
-        x2 = np.clip((boxes[:, 0] + boxes[:, 2]) * sx - x0, 0, self.image_size)
-        y2 = np.clip((boxes[:, 1] + boxes[:, 3]) * sy - y0, 0, self.image_size)
-        mapped = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1).astype(np.float32)
         crop = np.array([x0 / sx, y0 / sy, self.image_size / sx, self.image_size / sy], dtype=np.float32)
-        return np.ascontiguousarray(out), mapped, crop
+        return np.ascontiguousarray(out), self.map_boxes(boxes, width, height), crop
+
+    def map_boxes(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """T x 4 boxes (x y w h) of a width x height image into network-input pixels, clipped to the crop."""
+        x1, y1 = self.map_points(boxes[:, :2], width, height, clip=True).T
+        x2, y2 = self.map_points(boxes[:, :2] + boxes[:, 2:4], width, height, clip=True).T
+        return np.stack([x1, y1, x2 - x1, y2 - y1], axis=1).astype(np.float32)
+
+    def map_points(self, points: np.ndarray, width: int, height: int, clip: bool = False) -> np.ndarray:
+        """P x 2 points (x y) of a width x height image into network-input pixels (NaN stays NaN).
+
+        Unclipped, points outside the crop land outside [0, image_size); ``clip`` pins them to its edge.
+        """
+        new_w, new_h, x0, y0 = self.plan(width, height)
+        mapped = np.asarray(points, dtype=np.float32) * np.array([new_w / width, new_h / height], dtype=np.float32)
+        mapped = mapped - np.array([x0, y0], dtype=np.float32)
+        return np.clip(mapped, 0, self.image_size) if clip else mapped
 
 
 def _normalize(cfg: dict[str, Any]) -> list[A.BasicTransform]:
@@ -134,7 +145,8 @@ class ImageDataset(Dataset):
     """Rows ``rows`` of an image source with their targets; ``boxes`` (rows x T x 4) only for eval.
 
     Training items: image, target, index. Evaluation items add ``box`` (mapped into the network
-    input, NaN where absent) and ``crop_box`` (the region of the stored image the network saw).
+    input, NaN where absent), ``crop_box`` (the region of the stored image the network saw) and,
+    with ``points`` (rows x P x 2, NaN where invisible), ``points`` mapped into the network input.
     """
 
     source: FileImages | PackedImages
@@ -143,6 +155,7 @@ class ImageDataset(Dataset):
     train: bool
     cfg: dict[str, Any]
     boxes: np.ndarray | None = None  # per source row: (N, T, 4) x y w h, NaN where absent
+    points: np.ndarray | None = None  # per source row: (N, P, 2) x y, e.g. CUB parts, NaN where invisible
     transform: A.Compose = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,14 +189,18 @@ class ImageDataset(Dataset):
                 self.transform.set_random_seed(derived_seed(self.cfg["seed"], epoch, index) % 2**32)
             return {"image": self.transform(image=image)["image"], "target": target, "index": index}
         boxes = self.boxes[row] if self.boxes is not None else np.full((1, 4), np.nan, dtype=np.float32)
+        height, width = image.shape[:2]
         image, boxes, crop = self.geometry(image, boxes)
-        return {
+        item = {
             "image": self.transform(image=image)["image"],
             "target": target,
             "index": index,
             "box": torch.from_numpy(boxes),
             "crop_box": torch.from_numpy(crop),
         }
+        if self.points is not None:
+            item["points"] = torch.from_numpy(self.geometry.map_points(self.points[row], width, height))
+        return item
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

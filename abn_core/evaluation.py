@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .data import ImageDataset
-from .metrics import localisation_scores, localisation_summary, multi_label_tables, single_label_tables
+from .metrics import localisation_scores, localisation_summary, multi_label_tables, part_pointing_scores, single_label_tables
 from .overlays import denormalize, save_grid
 
 
@@ -53,6 +53,8 @@ def predict(
         if has_boxes:
             scores = localisation_scores(out.attention, batch["box"], size, cfg["eval"]["pointing_tolerance"])
             record |= {f"loc_{k}": v for k, v in scores.items()}
+            if "points" in batch:
+                record["loc_parts"] = part_pointing_scores(out.attention, batch["points"], size, cfg["eval"]["pointing_tolerance"])
         if keep_maps:
             record["maps"] = out.attention.to(torch.float16)
         for key, value in accelerator.gather_for_metrics(record).items():
@@ -123,25 +125,18 @@ def write_overlays(
 ) -> list[Path]:
     """PNG grids of (image | attention overlay) with true and predicted labels (main process only).
 
-    Single-label: ``<split>_overlays.png`` over samples spread through the split. Multi-label:
-    ``<split>_<attribute>.png`` per attribute, its positive images each with that attribute's own map.
+    Single-label: ``<split>_overlays.png`` with one sample per class, and ``<split>_confused.png`` with
+    the most confidently misclassified samples. Multi-label: ``<split>_<attribute>.png`` per
+    attribute, its positive images each with that attribute's own map.
     """
     limit = cfg["eval"]["max_attention_images"]
     if limit <= 0 or len(dataset) == 0:
         return []
-    pool = np.unique(np.linspace(0, len(dataset) - 1, num=min(len(dataset), limit * (4 if multi_label else 1))).astype(int))
-    batch = torch.stack([dataset[int(i)]["image"] for i in pool]).to(device)
-    model.eval()
-    out = model(batch)
-    images = denormalize(batch, cfg["data"]["mean"], cfg["data"]["std"])
-    maps = out.attention.float().cpu()
     if not multi_label:
-        predicted = out.logits.argmax(dim=1).cpu()
-        rows = [
-            (images[k], maps[k, 0], f"true: {names[int(pred.targets[i])]} / pred: {names[int(predicted[k])]}")
-            for k, i in enumerate(pool)
-        ]
-        return [save_grid(out_dir / f"{split}_overlays.png", rows)]
+        return _single_label_overlays(model, dataset, pred, names, cfg, out_dir, split, device)
+    pool = np.unique(np.linspace(0, len(dataset) - 1, num=min(len(dataset), limit * 4)).astype(int))
+    images, out = _run_on(model, dataset, pool, cfg, device)
+    maps = out.attention.float().cpu()
     probs = torch.sigmoid(out.logits.float()).cpu()
     written = []
     for t, name in enumerate(names):
@@ -149,4 +144,34 @@ def write_overlays(
         if positives:
             rows = [(images[k], maps[k, t], f"{name}: true 1 / p={probs[k, t]:.2f}") for k in positives]
             written.append(save_grid(out_dir / f"{split}_{name}.png", rows))
+    return written
+
+
+def _run_on(model: torch.nn.Module, dataset: ImageDataset, indices: np.ndarray, cfg: dict[str, Any], device: torch.device) -> tuple[np.ndarray, Any]:
+    """Display images (uint8) and model outputs for dataset items ``indices``."""
+    batch = torch.stack([dataset[int(i)]["image"] for i in indices]).to(device)
+    model.eval()
+    return denormalize(batch, cfg["data"]["mean"], cfg["data"]["std"]), model(batch)
+
+
+def _single_label_overlays(
+    model: torch.nn.Module, dataset: ImageDataset, pred: Predictions, names: list[str], cfg: dict[str, Any],
+    out_dir: Path, split: str, device: torch.device,
+) -> list[Path]:
+    limit = cfg["eval"]["max_attention_images"]
+    targets = pred.targets.long().numpy()
+    per_class = np.array([np.flatnonzero(targets == c)[0] for c in np.unique(targets)][:limit])
+    predicted = pred.logits.argmax(dim=1).numpy()
+    confidence = torch.softmax(pred.logits.float(), dim=1).max(dim=1).values.numpy()
+    wrong = np.flatnonzero(predicted != targets)
+    confused = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+    written = []
+    for name, indices in (("overlays", per_class), ("confused", confused)):
+        if len(indices) == 0:
+            continue
+        images, out = _run_on(model, dataset, indices, cfg, device)
+        maps = out.attention.float().cpu()
+        rows = [(images[k], maps[k, 0], f"true: {names[targets[i]]} / pred: {names[predicted[i]]} ({confidence[i]:.2f})")
+                for k, i in enumerate(indices)]
+        written.append(save_grid(out_dir / f"{split}_{name}.png", rows))
     return written

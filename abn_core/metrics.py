@@ -89,14 +89,12 @@ def localisation_scores(maps: torch.Tensor, boxes: torch.Tensor, size: int, tole
     and ``uniform`` (the box's area share: what a uniform map scores); NaN where no box.
     """
     n, t = maps.shape[:2]
-    up = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
-    flat = up.flatten(2)
+    flat = _upsampled(maps, size).flatten(2)
     low, high = flat.min(dim=2, keepdim=True).values, flat.max(dim=2, keepdim=True).values
     spread = high - low
     # A constant map is uniform attention (all ones), not zero attention.
     norm = torch.where(spread > 1e-12, (flat - low) / spread.clamp_min(1e-12), torch.ones_like(flat)).reshape(n, t, size, size)
-    peak = flat.argmax(dim=2)
-    peak_y, peak_x = (peak // size).float() + 0.5, (peak % size).float() + 0.5  # pixel centres
+    peak_x, peak_y = _peaks(flat, size)
     x1, y1 = boxes[..., 0], boxes[..., 1]
     x2, y2 = x1 + boxes[..., 2], y1 + boxes[..., 3]
     valid = torch.isfinite(boxes).all(dim=-1) & (boxes[..., 2] > 0) & (boxes[..., 3] > 0)
@@ -115,15 +113,47 @@ def localisation_scores(maps: torch.Tensor, boxes: torch.Tensor, size: int, tole
             {"pointing": pointing, "energy": energy, "uniform": uniform}.items()}
 
 
+def _upsampled(maps: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _peaks(flat: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) pixel centres of the argmax of N x T x (S*S) flattened maps."""
+    peak = flat.argmax(dim=2)
+    return (peak % size).float() + 0.5, (peak // size).float() + 0.5
+
+
+def part_pointing_scores(maps: torch.Tensor, points: torch.Tensor, size: int, tolerance: float) -> torch.Tensor:
+    """N x T part pointing game: 1 if the upsampled map's argmax lies within ``tolerance`` px of any
+    visible part (points: N x P x 2, x y in the S x S input, NaN where invisible), else 0; NaN when
+    an image has no visible part."""
+    peak_x, peak_y = _peaks(_upsampled(maps, size).flatten(2), size)  # N x T
+    dist = torch.hypot(peak_x[..., None] - points[:, None, :, 0], peak_y[..., None] - points[:, None, :, 1])  # N x T x P
+    hit = (torch.nan_to_num(dist, nan=math.inf) <= tolerance).any(dim=2).float()
+    any_visible = torch.isfinite(points).all(dim=2).any(dim=1)[:, None].expand_as(hit)
+    return torch.where(any_visible, hit, torch.full_like(hit, math.nan))
+
+
+def _class_mean(hits: torch.Tensor, groups: torch.Tensor) -> float:
+    """Mean of the finite ``hits`` per class (``groups``), then over classes."""
+    valid = torch.isfinite(hits)
+    hits, classes = hits[valid], groups[valid]
+    return float(torch.stack([hits[classes == c].mean() for c in torch.unique(classes)]).mean())
+
+
 def localisation_summary(scores: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, float]:
-    """Pointing game averaged over classes (``groups``: N x T class of each score), energy over images."""
+    """Pointing games averaged over classes (``groups``: N x T class of each score), energy over images.
+
+    ``scores`` holds localisation_scores' tensors and, optionally, ``parts`` (part_pointing_scores).
+    """
+    summary = {}
     valid = torch.isfinite(scores["pointing"])
-    if not valid.any():
-        return {}
-    hits, classes = scores["pointing"][valid], groups[valid]
-    per_class = [hits[classes == c].mean() for c in torch.unique(classes)]
-    return {
-        "pointing_game": float(torch.stack(per_class).mean()),
-        "energy_in_box": float(scores["energy"][valid].mean()),
-        "energy_in_box_uniform": float(scores["uniform"][valid].mean()),
-    }
+    if valid.any():
+        summary = {
+            "pointing_game": _class_mean(scores["pointing"], groups),
+            "energy_in_box": float(scores["energy"][valid].mean()),
+            "energy_in_box_uniform": float(scores["uniform"][valid].mean()),
+        }
+    if "parts" in scores and torch.isfinite(scores["parts"]).any():
+        summary["pointing_game_parts"] = _class_mean(scores["parts"], groups)
+    return summary

@@ -6,6 +6,7 @@ Shared by the task plugins: single-label manifests (classification, CUB), multi-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,23 @@ def _boxes(frame: pd.DataFrame, groups: list[list[str]]) -> np.ndarray | None:
     return boxes
 
 
-def _datasets(source, rows, targets, cfg, boxes) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+def _part_points(frame: pd.DataFrame) -> np.ndarray | None:
+    """N x P x 2 part locations from ``part_<k>_x, part_<k>_y, part_<k>_visible`` columns (CUB);
+    NaN where a part is not visible; None when the manifest has no parts."""
+    part_ids = sorted({int(m.group(1)) for c in frame.columns if (m := re.fullmatch(r"part_(\d+)_visible", c))})
+    if not part_ids:
+        return None
+    xy = np.stack([frame[[f"part_{k}_x", f"part_{k}_y"]].to_numpy(dtype=np.float32) for k in part_ids], axis=1)
+    visible = np.stack([frame[f"part_{k}_visible"].to_numpy() > 0 for k in part_ids], axis=1)
+    return np.where(visible[..., None], xy, np.nan).astype(np.float32)
+
+
+def _datasets(source, rows, targets, cfg, boxes, points=None) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
     train, val, test = rows
     return (
         ImageDataset(source, train, targets, True, cfg),
-        ImageDataset(source, val, targets, False, cfg, boxes),
-        ImageDataset(source, test, targets, False, cfg, boxes) if test is not None else None,
+        ImageDataset(source, val, targets, False, cfg, boxes, points),
+        ImageDataset(source, test, targets, False, cfg, boxes, points) if test is not None else None,
     )
 
 
@@ -128,7 +140,7 @@ def single_label_data(cfg: dict[str, Any]) -> TaskData:
         raise DataError(f"{root / 'manifest.csv'}: label {labels.max()} but only {len(class_names)} class names")
     *rows, notes = _split_rows(frame, labels, cfg)
     source = _image_source(root, frame, info)
-    train, val, test = _datasets(source, rows, labels.astype(np.int64), cfg, _boxes(frame, [BOX_COLUMNS]))
+    train, val, test = _datasets(source, rows, labels.astype(np.int64), cfg, _boxes(frame, [BOX_COLUMNS]), _part_points(frame))
     return TaskData(train, val, test, list(class_names), multi_label=False, notes=notes)
 
 

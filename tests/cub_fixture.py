@@ -44,13 +44,14 @@ def object_mask(rgb: np.ndarray) -> np.ndarray:
 
 def make_cub_folder(root: str | Path, n_classes: int = 5, images_per_class: int = 6, size: int = 64,
                     seed: int = 0, n_parts: int = 4, quirks: bool = True, exif_rotated: int = 0,
-                    shuffle_rows: bool = False) -> Path:
+                    shuffle_rows: bool = False, box_fraction: tuple[float, float] = (0.3, 0.5)) -> Path:
     """Write a fake CUB release under ``root`` (root/attributes.txt, root/CUB_200_2011/...); return root.
 
     Image sides are random in [0.7 * size, size]. With ``quirks`` one image each is saved as
     grayscale JPEG, CMYK JPEG and PNG data under a .jpg name. ``exif_rotated`` images carry EXIF
     orientations 2..8 in turn. ``shuffle_rows`` shuffles the line order of every per-image file
     (the real files are sorted by id; parsers must join by id anyway). ``n_parts=0``: no parts/.
+    ``box_fraction``: the object's side as a (min, max) fraction of the image's side.
     """
     rng = random.Random(seed)
     root = Path(root)
@@ -65,7 +66,7 @@ def make_cub_folder(root: str | Path, n_classes: int = 5, images_per_class: int 
 
     for row in rows:
         row.update(_draw(rng, cub / "images" / row["path"], size, class_colour(row["class_id"], n_classes),
-                         special.get(row["image_id"], "rgb"), part_ids))
+                         special.get(row["image_id"], "rgb"), part_ids, box_fraction))
 
     def write(name: str, lines: list[str]) -> None:
         if shuffle_rows:
@@ -125,10 +126,11 @@ def _special_images(rng: random.Random, n_images: int, quirks: bool, exif_rotate
 
 
 def _draw(rng: random.Random, path: Path, size: int, colour: tuple[int, int, int], kind: str,
-          part_ids: list[int]) -> dict:
+          part_ids: list[int], box_fraction: tuple[float, float]) -> dict:
     """Write one image; return its box (x, y, w, h) and parts [(x, y, visible)] in stored pixels."""
     width, height = rng.randint(int(size * 0.7), size), rng.randint(int(size * 0.7), size)
-    box_w, box_h = rng.randint(width * 3 // 10, width // 2), rng.randint(height * 3 // 10, height // 2)
+    low, high = box_fraction
+    box_w, box_h = (rng.randint(max(4, int(side * low)), max(4, int(side * high))) for side in (width, height))
     x0, y0 = rng.randint(0, width - box_w), rng.randint(0, height - box_h)
 
     noise = np.random.default_rng(rng.randint(0, 2**31)).integers(0, BACKGROUND_MAX + 1, (height, width, 3))
