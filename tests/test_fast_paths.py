@@ -1,0 +1,26 @@
+"""Speed fixes must not change what the model computes."""
+import torch
+import torch.nn.functional as F
+
+from abn_core.heads import AttentionTail
+from single_thread import one_thread  # noqa: F401
+
+
+def authors_att_logits(tail: AttentionTail, features: torch.Tensor) -> torch.Tensor:
+    """The authors' order: 1x1 conv on the full map, then global average pooling."""
+    a = F.relu(tail.bn_reduce(tail.conv_reduce(features)))
+    return tail.conv_logits(a).mean(dim=(2, 3))
+
+
+def test_pooling_before_logits_conv_matches_the_authors_order_in_values_and_gradients():
+    torch.manual_seed(0)
+    tail = AttentionTail(in_channels=16, num_classes=7, num_maps=1)
+    features = torch.randn(3, 16, 5, 6)
+    for training in (True, False):
+        tail.train(training)
+        ours, _ = tail(features)
+        theirs = authors_att_logits(tail, features)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        grad_ours = torch.autograd.grad(ours.square().sum(), tail.conv_logits.weight)[0]
+        grad_theirs = torch.autograd.grad(theirs.square().sum(), tail.conv_logits.weight)[0]
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-6)
