@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -25,12 +26,12 @@ def timed(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
 
 
 def interleaved_ratio(
-    fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int, warmup: int = 1, clock: str = "wall"
+    fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int, warmup: int = 1, clock: str = "wall", label: str = ""
 ) -> dict[str, float]:
     """time(A)/time(B): ``warmup`` untimed calls of each, then A, B, A, B, ... ``repeats`` times.
 
     The ratio is the median of the per-pair ratios (each pair ran under nearly the same load);
-    medians of the absolute times in seconds are returned for context.
+    medians of the absolute times in seconds are returned for context. ``label``: print progress.
     """
     tick = CLOCKS[clock]
     for _ in range(warmup):
@@ -40,12 +41,15 @@ def interleaved_ratio(
     for _ in range(repeats):
         times_a.append(timed(fn_a, tick))
         times_b.append(timed(fn_b, tick))
-    return {
+    result = {
         "ratio": statistics.median(a / b for a, b in zip(times_a, times_b)),
         "a_seconds": statistics.median(times_a),
         "b_seconds": statistics.median(times_b),
         "repeats": repeats,
     }
+    if label:  # progress on stderr: a full run takes a while
+        print(f"{label}: {result['ratio']:.3f} ({result['a_seconds']:.4f} s / {result['b_seconds']:.4f} s)", file=sys.stderr, flush=True)
+    return result
 
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]

@@ -53,8 +53,8 @@ class Sizes:
 
 
 MODES = {
-    "tiny": Sizes("resnet18", 32, 2, 10, "resnet18", 32, 2, 40, 8, 0, 2),
-    "quick": Sizes("resnet50", 112, 8, 200, "resnet50", 112, 4, 40, 256, 2, 5),
+    "tiny": Sizes("resnet18", 32, 2, 10, "resnet18", 32, 2, 40, 4, 0, 1),
+    "quick": Sizes("resnet50", 96, 4, 200, "resnet18", 64, 4, 40, 256, 2, 5),
     "full": Sizes("resnet50", 224, 16, 200, "resnet50", 224, 16, 40, 2048, 2, 7),
 }
 
@@ -117,7 +117,7 @@ def step_ratios(sizes: Sizes, clock: str, threads: int) -> tuple[dict[str, float
         "abn_paper_vs_official_step": ("abn_paper", "official_abn"),
     }
     for ratio, (a, b) in comparisons.items():
-        raw[ratio] = interleaved_ratio(steps[a], steps[b], sizes.repeats, clock=clock)
+        raw[ratio] = interleaved_ratio(steps[a], steps[b], sizes.repeats, clock=clock, label=ratio)
     del single, steps
 
     multi_images, multi_targets = batch(sizes, multi=True)
@@ -129,14 +129,15 @@ def step_ratios(sizes: Sizes, clock: str, threads: int) -> tuple[dict[str, float
     raw["multilabel_shared_vs_single_step"] = interleaved_ratio(
         training_step(shared, multi_images, multi_targets, bce_pair),
         training_step(single_40, multi_images, class_targets, ce_pair),
-        sizes.repeats, clock=clock,
+        sizes.repeats, clock=clock, label="multilabel_shared_vs_single_step",
     )
     del shared, single_40
     folded = multi_label_model(sizes, "per_attribute", chunk=8)
     models["multilabel_per_attribute"] = {"params": count_parameters(folded), "gflops": forward_gflops(folded, multi_images[:1])}
     del folded
     raw["multilabel_fold_vs_loop_step"] = interleaved_ratio(
-        multi_label_step(sizes, chunk=8), multi_label_step(sizes, chunk=1), sizes.repeats, clock=clock
+        multi_label_step(sizes, chunk=8), multi_label_step(sizes, chunk=1), sizes.repeats, clock=clock,
+        label="multilabel_fold_vs_loop_step",
     )
     raw["multilabel_fold_vs_loop_step"] |= {
         "a_peak_bytes": peak_step_memory(functools.partial(multi_label_step, sizes, 8), threads=threads),
@@ -163,7 +164,7 @@ def eval_precision_ratio(sizes: Sizes, clock: str) -> dict[str, Any]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast(images_cl)
 
-    entry = interleaved_ratio(bf16_channels_last, fp32, sizes.repeats, clock=clock)
+    entry = interleaved_ratio(bf16_channels_last, fp32, sizes.repeats, clock=clock, label="eval_bf16_channels_last_vs_fp32_time")
     entry["a_images_per_second"] = sizes.batch / entry["a_seconds"]
     entry["b_images_per_second"] = sizes.batch / entry["b_seconds"]
     return entry
@@ -202,7 +203,7 @@ def loading_ratio(sizes: Sizes) -> dict[str, Any]:
         def one_pass(loader) -> Callable[[], None]:
             return lambda: sum(item["image"].shape[0] for item in loader)
 
-        entry = interleaved_ratio(one_pass(loaders[0]), one_pass(loaders[1]), sizes.repeats, clock="wall")
+        entry = interleaved_ratio(one_pass(loaders[0]), one_pass(loaders[1]), sizes.repeats, clock="wall", label="prepared_vs_raw_loading_time")
         entry["images"] = len(paths)
         entry["workers"] = sizes.loading_workers
         return entry
