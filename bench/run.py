@@ -32,7 +32,6 @@ from PIL import Image  # noqa: E402
 from abn_core import build_model  # noqa: E402
 from abn_core.config import load_config  # noqa: E402
 from abn_core.data import FileImages, ImageDataset, PackedImages  # noqa: E402
-from abn_core.engine import make_loader  # noqa: E402
 from bench.measure import count_parameters, forward_gflops, interleaved_ratio, peak_step_memory, training_step  # noqa: E402
 from official_reference import official_abn_resnet  # noqa: E402
 
@@ -53,7 +52,7 @@ class Sizes:
 
 
 MODES = {
-    "tiny": Sizes("resnet18", 32, 2, 10, "resnet18", 32, 2, 40, 4, 0, 1),
+    "tiny": Sizes("resnet18", 32, 2, 10, "cifar_resnet20", 16, 2, 40, 4, 0, 1),
     "quick": Sizes("resnet18", 96, 8, 200, "resnet18", 64, 4, 40, 256, 2, 5),
     "full": Sizes("resnet50", 224, 16, 200, "resnet50", 224, 16, 40, 2048, 2, 7),
 }
@@ -189,6 +188,8 @@ def write_celeba_like(root: Path, count: int) -> tuple[list[str], Path]:
 def loading_ratio(sizes: Sizes) -> dict[str, Any]:
     """One pass of the CelebA training loader over packed data vs over the JPEGs (same transforms,
     workers and batch size). Always wall-clock: the work happens in worker processes."""
+    from abn_core.engine import make_loader  # imports accelerate: not needed by the peak-memory children
+
     with tempfile.TemporaryDirectory(prefix="abn-bench-") as tmp:
         root = Path(tmp)
         paths, packed = write_celeba_like(root, sizes.loading_images)
