@@ -33,7 +33,9 @@ class AttentionTail(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = F.relu(self.bn_reduce(self.conv_reduce(features)))
         attention = torch.sigmoid(self.bn_map(self.conv_map(a)))
-        att_logits = self.conv_logits(a).mean(dim=(2, 3))
+        # GAP before the 1x1 conv: both are linear, so this equals the authors' GAP(conv(a)) with
+        # the same weights, at 1/(h*w) of the conv's cost.
+        att_logits = self.conv_logits(a.mean(dim=(2, 3), keepdim=True)).flatten(1)
         return att_logits, attention
 
 
