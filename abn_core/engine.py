@@ -149,7 +149,8 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
         model = model.to(memory_format=torch.channels_last)
     criterion = ABNLoss(data.multi_label, cfg["train"]["att_weight"], cfg["train"]["label_smoothing"])
     optimizer = make_optimizer(model, cfg)
-    train_loader, val_loader = make_train_loader(accelerator, data.train, cfg), make_loader(data.val, cfg)
+    train_loader = make_train_loader(data.train, cfg, accelerator.process_index, accelerator.num_processes)
+    val_loader = make_loader(data.val, cfg)
     # The training loader stays unprepared: EpochSampler shards it itself, reproducibly on resume.
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     criterion = criterion.to(accelerator.device)
@@ -177,9 +178,10 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
     return run_dir
 
 
-def make_train_loader(accelerator: Accelerator, dataset: ImageDataset, cfg: dict[str, Any]) -> DataLoader:
+def make_train_loader(dataset: ImageDataset, cfg: dict[str, Any], rank: int = 0, world: int = 1) -> DataLoader:
+    """The training loader of process ``rank`` out of ``world``: its share of each epoch's seeded order."""
     batch_size, workers = cfg["train"]["batch_size"], cfg["data"]["num_workers"]
-    sampler = EpochSampler(len(dataset), batch_size, cfg["seed"], accelerator.process_index, accelerator.num_processes)
+    sampler = EpochSampler(len(dataset), batch_size, cfg["seed"], rank, world)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skipping_bad,
         pin_memory=has_accelerator(), persistent_workers=workers > 0,

@@ -188,7 +188,7 @@ def write_celeba_like(root: Path, count: int) -> tuple[list[str], Path]:
 def loading_ratio(sizes: Sizes) -> dict[str, Any]:
     """One pass of the CelebA training loader over packed data vs over the JPEGs (same transforms,
     workers and batch size). Always wall-clock: the work happens in worker processes."""
-    from abn_core.engine import make_loader  # imports accelerate: not needed by the peak-memory children
+    from abn_core.engine import make_train_loader  # imports accelerate: not needed by the peak-memory children
 
     with tempfile.TemporaryDirectory(prefix="abn-bench-") as tmp:
         root = Path(tmp)
@@ -197,7 +197,7 @@ def loading_ratio(sizes: Sizes) -> dict[str, Any]:
         rows = np.arange(len(paths))
         targets = np.zeros((len(paths), sizes.attributes), dtype=np.float32)
         loaders = [
-            make_loader(ImageDataset(source, rows, targets, True, cfg), cfg, train=True)
+            make_train_loader(ImageDataset(source, rows, targets, True, cfg), cfg)
             for source in (PackedImages(packed, paths), FileImages(root, paths))
         ]
 
