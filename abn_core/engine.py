@@ -21,7 +21,7 @@ from .checkpoints import Progress, find_weights, load_weights, save_best_weights
 from .data import ImageDataset, seed_augmentations
 from .errors import ConfigError
 from .evaluation import predict, result_tables, save_maps, summary_dict, write_overlays, write_tables
-from .losses import ABNLoss
+from .losses import ABNLoss, loss_from_cfg
 from .model import ABN, build_model
 from .task import Task, TaskData
 
@@ -157,7 +157,7 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
     model = model_from_cfg(cfg, data)
     if cfg["model"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    criterion = ABNLoss(data.multi_label, cfg["train"]["att_weight"], cfg["train"]["label_smoothing"])
+    criterion = loss_from_cfg(cfg, data.multi_label, data.train.targets[data.train.rows])
     optimizer = make_optimizer(model, cfg)
     train_loader, val_loader = make_loader(data.train, cfg, True), make_loader(data.val, cfg, False)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -193,9 +193,9 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
                 for key, value in row.items():
                     writer.add_scalar(key, value, epoch + 1)
             print(f"epoch {epoch + 1}/{cfg['train']['epochs']}: loss {row['loss']:.4f}, val {data.selection_metric} {score:.4f}")
-            if score > progress.best_value:
+            if score > progress.best_value or data.select_last_epoch:
                 save_best_weights(accelerator.unwrap_model(model), run_dir, {"epoch": epoch + 1, data.selection_metric: score})
-        if score > progress.best_value:
+        if score > progress.best_value or data.select_last_epoch:
             progress.best_value, progress.best_epoch = score, epoch + 1
         save_training_state(accelerator, run_dir)
 
