@@ -27,6 +27,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.loss": ("bce", "focal"),
     "train.pos_weight": ("none", "balanced"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "data.on_bad_image": ("fail", "skip"),
 }
 # Keys whose default is null but that take text when set.
 NULLABLE_TEXT = ("output_dir", "model.pretrained", "train.resume")

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401
 
 from abn_core.cli import run
 from abn_core.metrics import localisation_scores, localisation_summary
