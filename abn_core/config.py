@@ -25,6 +25,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("cosine", "step", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.loss": ("bce", "focal"),
+    "train.pos_weight": ("none", "balanced"),
     "train.on_nonfinite": ("stop", "skip"),
     "data.on_bad_image": ("fail", "skip"),
 }

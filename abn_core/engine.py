@@ -26,7 +26,7 @@ from .data import EpochSampler, ImageDataset, collate_skipping_bad
 from .errors import ConfigError, DataError, NumericalError
 from .files import atomic_write_text, is_complete, recover_dir
 from .evaluation import predict, result_tables, save_maps, summary_dict, write_overlays, write_tables
-from .losses import ABNLoss
+from .losses import ABNLoss, loss_from_cfg
 from .model import ABN, build_model
 from .task import Task, TaskData
 
@@ -147,7 +147,7 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
     model = model_from_cfg(cfg, data)
     if cfg["model"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    criterion = ABNLoss(data.multi_label, cfg["train"]["att_weight"], cfg["train"]["label_smoothing"])
+    criterion = loss_from_cfg(cfg, data.multi_label, data.train.targets[data.train.rows])
     optimizer = make_optimizer(model, cfg)
     train_loader = make_train_loader(data.train, cfg, accelerator.process_index, accelerator.num_processes)
     val_loader = make_loader(data.val, cfg)
@@ -165,7 +165,8 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
     while progress.epochs_done < cfg["train"]["epochs"]:
         train_one_epoch(accelerator, model, criterion, optimizer, train_loader, cfg, progress, run_dir, steps_per_epoch)
         val = summary_dict(result_tables(predict(accelerator, model, val_loader, cfg, "validating"), data.class_names, data.multi_label))
-        _finish_epoch(accelerator, model, optimizer, progress, val, data.selection_metric, cfg, run_dir, writer)
+        _finish_epoch(accelerator, model, optimizer, progress, val, data.selection_metric, cfg, run_dir, writer,
+                      keep_last=data.select_last_epoch)
 
     if writer is not None:
         writer.close()
@@ -271,9 +272,10 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer:
 
 def _finish_epoch(
     accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
-    val: dict[str, float], metric: str, cfg: dict[str, Any], run_dir: Path, writer: Any,
+    val: dict[str, float], metric: str, cfg: dict[str, Any], run_dir: Path, writer: Any, keep_last: bool = False,
 ) -> None:
-    """Record the epoch's row, keep the best weights, rewrite metrics.csv whole, save checkpoints/last."""
+    """Record the epoch's row, keep the best weights (every epoch's when ``keep_last``: validation data was
+    trained on), rewrite metrics.csv whole, save checkpoints/last."""
     loss, loss_att, loss_per, counted = progress.loss_sums
     counted = max(1.0, counted)
     row = {"epoch": progress.epochs_done + 1, "loss": loss / counted, "loss_att": loss_att / counted, "loss_per": loss_per / counted,
@@ -281,15 +283,16 @@ def _finish_epoch(
     progress.rows.append(row)
     progress.epochs_done, progress.batches_done, progress.loss_sums = progress.epochs_done + 1, 0, [0.0] * 4
     score = val[metric]
+    better = score > progress.best_value or keep_last
     if accelerator.is_main_process:
-        if score > progress.best_value:
+        if better:
             save_best_weights(accelerator.unwrap_model(model), run_dir, {"epoch": progress.epochs_done, metric: score})
         atomic_write_text(run_dir / "metrics.csv", csv_text(progress.rows))
         if writer is not None:
             for key, value in row.items():
                 writer.add_scalar(key, value, progress.epochs_done)
         print(f"epoch {progress.epochs_done}/{cfg['train']['epochs']}: loss {row['loss']:.4f}, val {metric} {score:.4f}")
-    if score > progress.best_value:
+    if better:
         progress.best_value, progress.best_epoch = score, progress.epochs_done
     save_training_state(accelerator, model, optimizer, progress, run_dir)
 

@@ -53,23 +53,31 @@ def multi_label_tables(
     probs, targets = torch.sigmoid(logits.float()), targets.long()
     args = dict(num_labels=len(attribute_names), average=None, validate_args=False)
     recall = multilabel_recall(probs, targets, **args)
+    # Undefined where the split has no positives (or, for balanced accuracy, no negatives) of an
+    # attribute: NaN, left out of the means, instead of torchmetrics' 0.
+    has_pos = targets.sum(dim=0) > 0
+    has_both = has_pos & (targets.sum(dim=0) < len(targets))
+
+    def defined(values: torch.Tensor, where: torch.Tensor) -> np.ndarray:
+        return torch.where(where, values.float(), torch.tensor(math.nan)).numpy()
+
     per_attribute = pd.DataFrame(
         {
             "attribute": attribute_names,
             "accuracy": multilabel_accuracy(probs, targets, **args).numpy(),
-            "balanced_accuracy": ((recall + multilabel_specificity(probs, targets, **args)) / 2).numpy(),
-            "precision": multilabel_precision(probs, targets, **args).numpy(),
-            "recall": recall.numpy(),
-            "f1": multilabel_f1_score(probs, targets, **args).numpy(),
-            "average_precision": multilabel_average_precision(probs, targets, **args).numpy(),
+            "balanced_accuracy": defined((recall + multilabel_specificity(probs, targets, **args)) / 2, has_both),
+            "precision": defined(multilabel_precision(probs, targets, **args), has_pos),
+            "recall": defined(recall, has_pos),
+            "f1": defined(multilabel_f1_score(probs, targets, **args), has_pos),
+            "average_precision": defined(multilabel_average_precision(probs, targets, **args), has_pos),
             "positive_rate": targets.float().mean(dim=0).numpy(),
         }
     )
     att_probs = torch.sigmoid(att_logits.float())
     summary = {
         "mean_accuracy": per_attribute["accuracy"].mean(),
-        "mean_balanced_accuracy": per_attribute["balanced_accuracy"].mean(),
-        "mean_f1": per_attribute["f1"].mean(),
+        "mean_balanced_accuracy": np.nanmean(per_attribute["balanced_accuracy"]),
+        "mean_f1": np.nanmean(per_attribute["f1"]),
         "mAP": np.nanmean(per_attribute["average_precision"]),
         "att_branch_mean_accuracy": multilabel_accuracy(att_probs, targets, **args).mean(),
     }

@@ -15,6 +15,7 @@ class TaskData:
     class_names: list[str]  # classes, or attributes when multi_label
     multi_label: bool
     notes: list[str] = field(default_factory=list)  # printed at start, e.g. how the validation split was made
+    select_last_epoch: bool = False  # val is part of training (data.train_on_trainval): keep the last epoch, not the best
 
     @property
     def selection_metric(self) -> str:

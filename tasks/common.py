@@ -80,6 +80,9 @@ def _split_rows(frame: pd.DataFrame, labels: np.ndarray, cfg: dict[str, Any]) ->
         notes.append(f"validation = {cfg['data']['val_fraction']:.0%} of train, stratified (the data has no validation split)")
     if len(test) == 0:
         notes.append("the data has no test split: final results are on the validation split")
+    if cfg["data"]["train_on_trainval"]:
+        train = np.concatenate([train, val])
+        notes.append("data.train_on_trainval: training on train + validation; the last epoch is kept (validation scores are not held out)")
     limit = cfg["data"]["max_per_split"]
     if limit > 0:
         train, val, test = (_spread(rows, limit) for rows in (train, val, test))
@@ -197,7 +200,8 @@ def multi_label_data(cfg: dict[str, Any]) -> TaskData:
     *rows, notes = _split_rows(frame, targets, cfg)
     box_groups = [[f"bbox_{a}_{c}" for c in "xywh"] for a in attributes]
     train, val, test = _datasets(_image_source(root, frame, info), rows, targets.astype(np.float32), cfg, _boxes(frame, box_groups))
-    return TaskData(train, val, test, list(attributes), multi_label=True, notes=notes)
+    return TaskData(train, val, test, list(attributes), multi_label=True, notes=notes,
+                    select_last_epoch=cfg["data"]["train_on_trainval"])
 
 
 def _attribute_columns(frame: pd.DataFrame) -> list[str]:

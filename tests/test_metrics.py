@@ -104,3 +104,17 @@ def test_stratified_holdout_keeps_class_proportions():
     assert np.bincount(labels[hold]).tolist() == [5, 2, 1]
     again = stratified_holdout(labels, 0.1, seed=0)[1]
     assert again.tolist() == hold.tolist()
+
+
+def test_attributes_without_positives_are_nan_and_left_out_of_means():
+    logits = torch.tensor([[2.0, -1.0, 1.0], [-2.0, -1.0, 1.0], [1.0, 3.0, -1.0], [-1.0, -2.0, 2.0]])
+    targets = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]])  # 'none' never, 'all' always positive
+    tables = multi_label_tables(logits, logits, targets, ["a", "none", "all"])
+    rows = tables["per_attribute"].set_index("attribute")
+    assert rows.loc["none", ["balanced_accuracy", "precision", "recall", "f1", "average_precision"]].isna().all()
+    assert rows.loc["none", "accuracy"] == pytest.approx(0.75)  # one false positive: accuracy stays defined
+    assert np.isnan(rows.loc["all", "balanced_accuracy"]) and rows.loc["all", "recall"] == pytest.approx(0.75)
+    summary = dict(zip(tables["summary"]["metric"], tables["summary"]["value"]))
+    assert summary["mean_balanced_accuracy"] == pytest.approx(1.0)  # only 'a' has both classes
+    assert summary["mean_f1"] == pytest.approx((1.0 + 2 * 0.75 / 1.75) / 2)
+    assert summary["mAP"] == pytest.approx(1.0)
