@@ -272,7 +272,8 @@ def final_report(
     """Evaluate on test data (validation data when there is none): tables, overlays, optional maps."""
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     loader = accelerator.prepare(make_loader(dataset, cfg, False))
-    pred = predict(accelerator, model, loader, cfg, f"evaluating {split}", keep_maps=cfg["eval"]["save_maps"])
+    pred = predict(accelerator, model, loader, cfg, f"evaluating {split}", keep_maps=cfg["eval"]["save_maps"],
+                   compare_cam=cfg["eval"]["compare_cam"])
     tables = result_tables(pred, data.class_names, data.multi_label)
     if accelerator.is_main_process:
         markdown = write_tables(tables, out_dir / "results", split)
