@@ -172,6 +172,7 @@ def explain_command(task: Any, checkpoint: str, config_file: str | None, items: 
     names, multi_label = labels
     model = model_from_cfg(cfg, SimpleNamespace(class_names=names, multi_label=multi_label), pretrained=False)
     load_weights(model, weights)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     return write_explanations(model, paths, cfg, names, out_dir, top_k, attention_mask)
 
 
