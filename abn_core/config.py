@@ -25,6 +25,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("cosine", "step", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "data.on_bad_image": ("fail", "skip"),
 }
 # Keys whose default is null but that take text when set.
 NULLABLE_TEXT = ("output_dir", "model.pretrained", "train.resume")

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from .errors import ConfigError, DataError
 from .images import ImageDecodeError, load_rgb_array
@@ -158,11 +158,22 @@ class ImageDataset(Dataset):
     def name(self, index: int) -> str:
         return self.source.name(int(self.rows[index]))
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``key``: an index, or (epoch, index) from :class:`EpochSampler` for training items, whose
+        augmentation is then seeded by (seed, epoch, index): reproducible on resume and with any
+        number of workers, different across epochs (albumentations would otherwise replay one stream)."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         row = int(self.rows[index])
-        image = self.source.load(row)
+        try:
+            image = self.source.load(row)
+        except DataError:
+            if self.train and self.cfg["data"]["on_bad_image"] == "skip":
+                return {"bad_image": self.name(index)}
+            raise
         target = torch.as_tensor(self.targets[row])
         if self.train:
+            if epoch is not None:
+                self.transform.set_random_seed(derived_seed(self.cfg["seed"], epoch, index) % 2**32)
             return {"image": self.transform(image=image)["image"], "target": target, "index": index}
         boxes = self.boxes[row] if self.boxes is not None else np.full((1, 4), np.nan, dtype=np.float32)
         image, boxes, crop = self.geometry(image, boxes)
@@ -201,15 +212,43 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def seed_augmentations(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give every worker (and epoch) its own augmentation stream.
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, index, ...): independent streams, same on any machine."""
+    high, low = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return (int(high) << 31) ^ int(low)
 
-    albumentations 2.0.8's Compose keeps its own RNG, which forked workers would copy and replay.
-    The worker seed torch hands out already differs per worker, epoch and (with a seeded sampler) rank.
+
+class EpochSampler(Sampler):
+    """This process's share of one epoch's shuffled training order, as (epoch, index) keys.
+
+    The order is a permutation seeded by (seed, epoch) alone, so it is the same whatever the number
+    of dataloader workers and after a resume; ``skip_batches`` drops the batches already trained on
+    (mid-epoch resume). Every process gets ``batches_per_process`` full batches (drop_last), the
+    permutation wrapping around when the data is smaller than one batch per process.
     """
-    info = get_worker_info()
-    dataset = info.dataset
-    while hasattr(dataset, "dataset"):  # unwrap Subset-like wrappers
-        dataset = dataset.dataset
-    if hasattr(dataset, "transform"):
-        dataset.transform.set_random_seed(info.seed % 2**32)
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.batches_per_process = max(1, size // (batch_size * world))
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return (self.batches_per_process - self.skip_batches) * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.random.default_rng(derived_seed(self.seed, self.epoch)).permutation(self.size)
+        needed = self.batches_per_process * self.batch_size * self.world
+        order = np.resize(order, needed)  # wraps around when the data is smaller than one round
+        mine = order[self.rank :: self.world][self.skip_batches * self.batch_size :]
+        return iter([(self.epoch, int(i)) for i in mine])
+
+
+def collate_skipping_bad(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """default_collate over the decodable items; ``skipped`` lists the paths of the others."""
+    good = [item for item in items if "bad_image" not in item]
+    batch = default_collate(good) if good else {}
+    batch["skipped"] = [item["bad_image"] for item in items if "bad_image" in item]
+    return batch

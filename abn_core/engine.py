@@ -1,9 +1,12 @@
 """The training loop on Hugging Face Accelerate, and evaluation of a finished run."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
+import os
 import platform
 import subprocess
 from datetime import datetime
@@ -11,20 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import config as config_lib
-from .checkpoints import Progress, find_weights, load_weights, save_best_weights, save_training_state
-from .data import ImageDataset, seed_augmentations
-from .errors import ConfigError
+from .checkpoints import (Progress, crash_point, find_weights, load_training_state, load_weights, save_best_weights,
+                          save_training_state)
+from .data import EpochSampler, ImageDataset, collate_skipping_bad
+from .errors import ConfigError, DataError, NumericalError
+from .files import atomic_write_text, is_complete, recover_dir
 from .evaluation import predict, result_tables, save_maps, summary_dict, write_overlays, write_tables
 from .losses import ABNLoss
 from .model import ABN, build_model
 from .report import write_galleries, write_report
 from .task import Task, TaskData
+
+FAULT_ENV = "ABN_SUITE_FAULT_AT"  # test hook: "e1b2" makes epoch 1's second batch's loss NaN
 
 
 def has_accelerator() -> bool:
@@ -38,12 +45,8 @@ def make_accelerator(cfg: dict[str, Any]) -> Accelerator:
     precision = cfg["train"]["mixed_precision"]
     if cpu and precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; use bf16 (or no) on CPU")
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg["train"]["grad_accum_steps"],
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    # Gradient accumulation is done by the training loop (Accelerate's would rescale the loss itself).
+    return Accelerator(cpu=cpu, mixed_precision=precision)
 
 
 def resolve_output_dir(accelerator: Accelerator, task: Task, cfg: dict[str, Any]) -> Path:
@@ -86,18 +89,11 @@ def model_from_cfg(cfg: dict[str, Any], data: TaskData, pretrained: bool = True)
     )
 
 
-def make_loader(dataset: ImageDataset, cfg: dict[str, Any], train: bool) -> DataLoader:
+def make_loader(dataset: ImageDataset, cfg: dict[str, Any]) -> DataLoader:
+    """An evaluation loader (in dataset order; Accelerate shards it and gather_for_metrics drops the padding)."""
     workers = cfg["data"]["num_workers"]
-    return DataLoader(
-        dataset,
-        batch_size=cfg["train"]["batch_size"] if train else cfg["eval"]["batch_size"],
-        shuffle=train,
-        drop_last=train and len(dataset) > cfg["train"]["batch_size"],
-        num_workers=workers,
-        pin_memory=has_accelerator(),
-        persistent_workers=workers > 0,
-        worker_init_fn=seed_augmentations if workers > 0 else None,
-    )
+    return DataLoader(dataset, batch_size=cfg["eval"]["batch_size"], shuffle=False, num_workers=workers,
+                      pin_memory=has_accelerator(), persistent_workers=workers > 0)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -127,15 +123,6 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: dict[str, Any]) -> float:
     return 1.0
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def announce(accelerator: Accelerator, task: Task, cfg: dict[str, Any], data: TaskData, run_dir: Path) -> None:
     if not accelerator.is_main_process:
         return
@@ -149,7 +136,10 @@ def announce(accelerator: Accelerator, task: Task, cfg: dict[str, Any], data: Ta
 
 
 def train(task: Task, cfg: dict[str, Any]) -> Path:
-    """Train, select the best epoch on validation data, evaluate it on test data. Returns the run directory."""
+    """Train, select the best epoch on validation data, evaluate it on test data. Returns the run directory.
+
+    Resumes exactly (same data order, augmentations, RNG states, counters) from checkpoints/last.
+    """
     accelerator = make_accelerator(cfg)
     run_dir = resolve_output_dir(accelerator, task, cfg)
     set_seed(cfg["seed"])
@@ -160,88 +150,197 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
         model = model.to(memory_format=torch.channels_last)
     criterion = ABNLoss(data.multi_label, cfg["train"]["att_weight"], cfg["train"]["label_smoothing"])
     optimizer = make_optimizer(model, cfg)
-    train_loader, val_loader = make_loader(data.train, cfg, True), make_loader(data.val, cfg, False)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    train_loader, val_loader = make_train_loader(accelerator, data.train, cfg), make_loader(data.val, cfg)
+    # The training loader stays unprepared: EpochSampler shards it itself, reproducibly on resume.
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     criterion = criterion.to(accelerator.device)
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
     announce(accelerator, task, cfg, data, run_dir)
-    resume_from = _resume_path(cfg, run_dir)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        if accelerator.is_main_process:
-            print(f"resumed from {resume_from} after epoch {progress.epochs_done}")
+    progress = _resume(accelerator, model, optimizer, cfg, run_dir)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
-        (run_dir / "run_info.json").write_text(json.dumps(run_info(accelerator), indent=2) + "\n")
-    # Each process augments its own stream; model weights are already identical (DDP broadcast).
-    set_seed(cfg["seed"] + 1000 * accelerator.process_index + progress.epochs_done)
-    if cfg["data"]["num_workers"] == 0:
-        data.train.transform.set_random_seed(cfg["seed"] + 1000 * accelerator.process_index + progress.epochs_done)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg["train"]["grad_accum_steps"])
+        atomic_write_text(run_dir / "config.yaml", config_lib.dump(cfg))
+    write_run_info(accelerator, run_dir)
+    steps_per_epoch = math.ceil(train_loader.sampler.batches_per_process / cfg["train"]["grad_accum_steps"])
     writer = _tensorboard(cfg, run_dir) if accelerator.is_main_process else None
 
-    for epoch in range(progress.epochs_done, cfg["train"]["epochs"]):
-        row = train_one_epoch(accelerator, model, criterion, optimizer, train_loader, cfg, progress, epoch, steps_per_epoch)
+    while progress.epochs_done < cfg["train"]["epochs"]:
+        train_one_epoch(accelerator, model, criterion, optimizer, train_loader, cfg, progress, run_dir, steps_per_epoch)
         val = summary_dict(result_tables(predict(accelerator, model, val_loader, cfg, "validating"), data.class_names, data.multi_label))
-        row |= {f"val_{k}": v for k, v in val.items()}
-        progress.epochs_done = epoch + 1
-        score = val[data.selection_metric]
-        if accelerator.is_main_process:
-            append_row(run_dir / "metrics.csv", row)
-            if writer is not None:
-                for key, value in row.items():
-                    writer.add_scalar(key, value, epoch + 1)
-            print(f"epoch {epoch + 1}/{cfg['train']['epochs']}: loss {row['loss']:.4f}, val {data.selection_metric} {score:.4f}")
-            if score > progress.best_value:
-                save_best_weights(accelerator.unwrap_model(model), run_dir, {"epoch": epoch + 1, data.selection_metric: score})
-        if score > progress.best_value:
-            progress.best_value, progress.best_epoch = score, epoch + 1
-        save_training_state(accelerator, run_dir)
+        _finish_epoch(accelerator, model, optimizer, progress, val, data.selection_metric, cfg, run_dir, writer)
 
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()
+    _report_skipped(accelerator, progress)
+    check_ranks_agree(accelerator, model)
     load_weights(accelerator.unwrap_model(model), run_dir / "checkpoints" / "best" / "model.safetensors")
     final_report(accelerator, model, data, cfg, run_dir, run_dir)
-    model, optimizer = accelerator.free_memory(model, optimizer)  # avoids a gloo abort at exit
-    accelerator.end_training()
+    teardown(accelerator, model, optimizer)
     return run_dir
+
+
+def make_train_loader(accelerator: Accelerator, dataset: ImageDataset, cfg: dict[str, Any]) -> DataLoader:
+    batch_size, workers = cfg["train"]["batch_size"], cfg["data"]["num_workers"]
+    sampler = EpochSampler(len(dataset), batch_size, cfg["seed"], accelerator.process_index, accelerator.num_processes)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skipping_bad,
+        pin_memory=has_accelerator(), persistent_workers=workers > 0,
+    )
 
 
 def train_one_epoch(
     accelerator: Accelerator, model: torch.nn.Module, criterion: ABNLoss, optimizer: torch.optim.Optimizer,
-    loader: Any, cfg: dict[str, Any], progress: Progress, epoch: int, steps_per_epoch: int,
-) -> dict[str, Any]:
+    loader: DataLoader, cfg: dict[str, Any], progress: Progress, run_dir: Path, steps_per_epoch: int,
+) -> None:
+    """Train on the rest of epoch ``progress.epochs_done``; losses (averaged over processes) are summed
+    into ``progress.loss_sums``. With train.checkpoint_every_steps, checkpoints/last is also saved mid-epoch."""
     model.train()
-    loader.set_epoch(epoch)
-    base_lr = cfg["train"]["lr"]
-    sums = torch.zeros(3, device=accelerator.device)
-    batches = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not accelerator.is_main_process, leave=False)
+    epoch, t = progress.epochs_done, cfg["train"]
+    total = loader.sampler.batches_per_process
+    loader.sampler.set_epoch(epoch, skip_batches=progress.batches_done)
+    sums = torch.tensor(progress.loss_sums, dtype=torch.float32, device=accelerator.device)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", initial=progress.batches_done, total=total,
+               disable=not accelerator.is_main_process, leave=False)
     for batch in bar:
+        progress.skipped_images += batch["skipped"]
+        boundary = (progress.batches_done + 1) % t["grad_accum_steps"] == 0 or progress.batches_done + 1 == total
         for group in optimizer.param_groups:
-            group["lr"] = base_lr * lr_factor(progress.step, steps_per_epoch, cfg)
-        images = batch["image"]
-        if cfg["model"]["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                out = model(images)
-            losses = criterion(out, batch["target"])
-            accelerator.backward(losses["loss"])
-            if accelerator.sync_gradients and cfg["train"]["grad_clip"] > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg["train"]["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
+            group["lr"] = t["lr"] * lr_factor(progress.step, steps_per_epoch, cfg)
+        losses = _forward_backward(accelerator, model, criterion, batch, cfg, boundary, f"e{epoch + 1}b{progress.batches_done + 1}")
+        if losses is not None:
+            sums += losses
+        else:
+            _skip_or_stop(accelerator, optimizer, cfg, f"epoch {epoch + 1}, batch {progress.batches_done + 1}")
+        if boundary:
+            if losses is not None:
+                _optimizer_step(accelerator, model, optimizer, cfg)
             progress.step += 1
-        sums += torch.stack([losses[k].detach().float() for k in ("loss", "loss_att", "loss_per")])
-        batches += 1
-        bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
-    means = accelerator.reduce(sums / max(1, batches), reduction="mean").tolist()
-    return {"epoch": epoch + 1, "loss": means[0], "loss_att": means[1], "loss_per": means[2], "lr": optimizer.param_groups[0]["lr"]}
+        progress.batches_done += 1
+        crash_point(f"e{epoch + 1}b{progress.batches_done}")
+        every = t["checkpoint_every_steps"]
+        if boundary and every > 0 and progress.step % every == 0 and progress.batches_done < total:
+            progress.loss_sums = sums.tolist()
+            save_training_state(accelerator, model, optimizer, progress, run_dir)
+    progress.loss_sums = sums.tolist()
+
+
+def _forward_backward(
+    accelerator: Accelerator, model: torch.nn.Module, criterion: ABNLoss, batch: dict[str, Any], cfg: dict[str, Any],
+    boundary: bool, where: str,
+) -> torch.Tensor | None:
+    """Backward pass of one batch; returns (loss, loss_att, loss_per, 1) averaged over processes, or
+    None (nothing backpropagated) when the loss is non-finite on any process."""
+    if "image" not in batch:  # every image of the batch was skipped as undecodable: nothing to count
+        if accelerator.num_processes > 1:  # the other processes would wait for this one's gradients forever
+            raise DataError(f"every image of a training batch failed to decode ({', '.join(batch['skipped'])}); "
+                            "data.on_bad_image=skip on several processes needs a decodable image in every batch")
+        return torch.zeros(4, device=accelerator.device)
+    images, targets = batch["image"].to(accelerator.device), batch["target"].to(accelerator.device)
+    if cfg["model"]["channels_last"]:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+        with accelerator.autocast():
+            out = model(images)
+        losses = criterion(out, targets)
+        if os.environ.get(FAULT_ENV) == where:
+            losses["loss"] = losses["loss"] * float("nan")
+        values = torch.stack([losses[k].detach().float() for k in ("loss", "loss_att", "loss_per")] + [torch.ones((), device=images.device)])
+        values = accelerator.reduce(values, reduction="mean")  # the same decision on every process
+        if not torch.isfinite(values).all():
+            return None
+        accelerator.backward(losses["loss"] / cfg["train"]["grad_accum_steps"])
+    return values
+
+
+def _skip_or_stop(accelerator: Accelerator, optimizer: torch.optim.Optimizer, cfg: dict[str, Any], where: str) -> None:
+    """A non-finite loss: stop before anything is saved over checkpoints/last, or drop this step's gradients."""
+    if cfg["train"]["on_nonfinite"] == "stop":
+        raise NumericalError(f"non-finite loss at {where}: stopped; checkpoints/last still holds the last good state "
+                             "(lower train.lr, set train.grad_clip, or train.on_nonfinite=skip)")
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.is_main_process:
+        print(f"non-finite loss at {where}: step skipped (train.on_nonfinite=skip)")
+
+
+def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict[str, Any]) -> None:
+    if cfg["train"]["grad_clip"] > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg["train"]["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _finish_epoch(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+    val: dict[str, float], metric: str, cfg: dict[str, Any], run_dir: Path, writer: Any,
+) -> None:
+    """Record the epoch's row, keep the best weights, rewrite metrics.csv whole, save checkpoints/last."""
+    loss, loss_att, loss_per, counted = progress.loss_sums
+    counted = max(1.0, counted)
+    row = {"epoch": progress.epochs_done + 1, "loss": loss / counted, "loss_att": loss_att / counted, "loss_per": loss_per / counted,
+           "lr": optimizer.param_groups[0]["lr"]} | {f"val_{k}": float(v) for k, v in val.items()}
+    progress.rows.append(row)
+    progress.epochs_done, progress.batches_done, progress.loss_sums = progress.epochs_done + 1, 0, [0.0] * 4
+    score = val[metric]
+    if accelerator.is_main_process:
+        if score > progress.best_value:
+            save_best_weights(accelerator.unwrap_model(model), run_dir, {"epoch": progress.epochs_done, metric: score})
+        atomic_write_text(run_dir / "metrics.csv", csv_text(progress.rows))
+        if writer is not None:
+            for key, value in row.items():
+                writer.add_scalar(key, value, progress.epochs_done)
+        print(f"epoch {progress.epochs_done}/{cfg['train']['epochs']}: loss {row['loss']:.4f}, val {metric} {score:.4f}")
+    if score > progress.best_value:
+        progress.best_value, progress.best_epoch = score, progress.epochs_done
+    save_training_state(accelerator, model, optimizer, progress, run_dir)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _report_skipped(accelerator: Accelerator, progress: Progress) -> None:
+    skipped = progress.skipped_images
+    if accelerator.num_processes > 1:
+        skipped = gather_object(skipped)
+    skipped = sorted(set(skipped))
+    if skipped and accelerator.is_main_process:
+        print(f"data.on_bad_image=skip: skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:20])}"
+              + (" ..." if len(skipped) > 20 else ""))
+
+
+def check_ranks_agree(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """After training on several processes: every rank must hold the same weights (per-tensor checksums)."""
+    if accelerator.num_processes == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).state_dict().values()])
+    gathered = accelerator.gather(sums[None].to(accelerator.device))
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError("the processes' model weights differ after training (DDP lost synchronisation)")
+
+
+def teardown(accelerator: Accelerator, *objects: Any) -> None:
+    """Release prepared objects before ending: otherwise gloo sometimes aborts at exit (see ecosystem notes)."""
+    accelerator.free_memory(*objects)
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _resume(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict[str, Any], run_dir: Path) -> Progress:
+    if accelerator.is_main_process:  # put back a checkpoint a crash left half-swapped
+        recover_dir(run_dir / "checkpoints" / "best")
+        recover_dir(run_dir / "checkpoints" / "last")
+    accelerator.wait_for_everyone()
+    directory = _resume_path(cfg, run_dir)
+    if directory is None:
+        return Progress()
+    progress = load_training_state(accelerator, model, optimizer, directory)
+    if accelerator.is_main_process:
+        print(f"resumed from {directory} after epoch {progress.epochs_done}, batch {progress.batches_done}")
+    return progress
 
 
 def _resume_path(cfg: dict[str, Any], run_dir: Path) -> Path | None:
@@ -250,10 +349,10 @@ def _resume_path(cfg: dict[str, Any], run_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         last = run_dir / "checkpoints" / "last"
-        return last if last.is_dir() else None
+        return last if is_complete(last) else None
     path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"train.resume: {resume} is not a checkpoint directory (expected e.g. RUN/checkpoints/last)")
+    if not is_complete(path):
+        raise ConfigError(f"train.resume: {resume} is not a complete checkpoint directory (expected e.g. RUN/checkpoints/last)")
     return path
 
 
@@ -273,7 +372,7 @@ def final_report(
     """Evaluate on test data (validation data when there is none): tables, overlays, galleries,
     optional maps, and report.html."""
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
-    loader = accelerator.prepare(make_loader(dataset, cfg, False))
+    loader = accelerator.prepare(make_loader(dataset, cfg))
     pred = predict(accelerator, model, loader, cfg, f"evaluating {split}", keep_maps=cfg["eval"]["save_maps"],
                    compare_cam=cfg["eval"]["compare_cam"])
     tables = result_tables(pred, data.class_names, data.multi_label)
@@ -292,22 +391,35 @@ def final_report(
     return summary_dict(tables)
 
 
-def evaluate_checkpoint(task: Task, checkpoint: str, config_file: str | None, overrides: list[str]) -> Path:
-    """``eval``: the run's config (plus overrides) and best weights, evaluated on test data."""
+def write_run_info(accelerator: Accelerator, out_dir: Path, **extra: Any) -> None:
+    """out_dir/run_info.json (main process): processes, device, precision, versions, commit, plus ``extra``."""
+    if accelerator.is_main_process:
+        atomic_write_text(Path(out_dir) / "run_info.json", json.dumps(run_info(accelerator) | extra, indent=2) + "\n")
+
+
+def run_from_checkpoint(
+    task: Task, checkpoint: str, config_file: str | None, overrides: list[str]
+) -> tuple[dict[str, Any], Path, Path, Path]:
+    """For eval/explain: (config, run directory, weights file, output directory) of ``--checkpoint``
+    (a run directory or a weights file inside one). The run's own config.yaml is the base; results go
+    to ``output_dir`` when it is overridden, else into the run directory."""
     run_dir, weights = find_weights(checkpoint)
     cfg = config_lib.load_config(task.name, config_file or run_dir / "config.yaml", overrides)
     out_dir = Path(cfg["output_dir"]) if any(o.startswith("output_dir=") for o in overrides) else run_dir
     cfg["output_dir"] = str(out_dir)
+    return cfg, run_dir, weights, out_dir
+
+
+def evaluate_checkpoint(task: Task, checkpoint: str, config_file: str | None, overrides: list[str]) -> Path:
+    """``eval``: the run's config (plus overrides) and best weights, evaluated on test data."""
+    cfg, run_dir, weights, out_dir = run_from_checkpoint(task, checkpoint, config_file, overrides)
     accelerator = make_accelerator(cfg)
     with accelerator.main_process_first():
         data = task.build_data(cfg)
     model = model_from_cfg(cfg, data, pretrained=False)
     load_weights(model, weights)
     model = accelerator.prepare(model)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_info.json").write_text(json.dumps(run_info(accelerator) | {"checkpoint": str(weights)}, indent=2) + "\n")
+    write_run_info(accelerator, out_dir, checkpoint=str(weights))
     final_report(accelerator, model, data, cfg, run_dir, out_dir)
-    accelerator.free_memory(model)
-    accelerator.end_training()
+    teardown(accelerator, model)
     return out_dir

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint cannot be used; the message names the file and the offending keys."""
+
+
+class NumericalError(UserError):
+    """Training produced a non-finite loss; the message says where and what to change."""

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import config as config_lib
-from .checkpoints import find_weights, load_weights
+from .checkpoints import load_weights
 from .data import eval_transform
 from .errors import DataError, UserError
 from .images import IMAGE_SUFFIXES, ImageDecodeError, load_rgb_array
@@ -156,12 +156,10 @@ def run_labels(run_dir: Path) -> tuple[list[str], bool] | None:
 
 def explain_command(task: Any, checkpoint: str, config_file: str | None, items: Sequence[str], top_k: int, attention_mask: str | None) -> Path:
     """``explain``: overlays under <out>/explain/ and <out>/predictions.csv (out: output_dir or the run)."""
-    from .engine import model_from_cfg
+    from .engine import model_from_cfg, run_from_checkpoint  # engine imports evaluation, which is heavy
 
     overrides = [i for i in items if "=" in i and not Path(i).exists()]
-    run_dir, weights = find_weights(checkpoint)
-    cfg = config_lib.load_config(task.name, config_file or run_dir / "config.yaml", overrides)
-    out_dir = Path(cfg["output_dir"]) if any(o.startswith("output_dir=") for o in overrides) else run_dir
+    cfg, run_dir, weights, out_dir = run_from_checkpoint(task, checkpoint, config_file, overrides)
     paths = collect_images([i for i in items if i not in overrides])
     if attention_mask is not None and not Path(attention_mask).is_file():
         raise DataError(f"--attention-mask: no such file {attention_mask}")

@@ -7,7 +7,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from abn_core.config import load_config
-from abn_core.data import EvalGeometry, FileImages, ImageDataset, PackedImages, seed_augmentations
+from abn_core.data import EpochSampler, EvalGeometry, FileImages, ImageDataset, PackedImages, collate_skipping_bad
 from abn_core.errors import ConfigError, DataError
 from abn_core.images import ImageDecodeError, load_rgb_array
 from abn_core.overlays import jet, save_grid
@@ -67,20 +67,38 @@ def test_images_load_as_upright_rgb_whatever_the_file(tmp_path):
         FileImages(tmp_path, ["missing.jpg"]).load(0)
 
 
-def test_augmentations_differ_between_workers_and_epochs(tmp_path):
+def _epoch_images(dataset, workers, epoch, world=1, rank=0):
+    sampler = EpochSampler(len(dataset), 4, seed=0, rank=rank, world=world)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=collate_skipping_bad)
+    return torch.cat([b["image"] for b in loader]), torch.cat([b["index"] for b in loader])
+
+
+def test_augmentations_differ_between_workers_and_epochs_and_ignore_worker_count(tmp_path):
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", np.stack([image] * 8))
-    cfg = load_config("classification", overrides=["data.image_size=32", "data.min_scale=0.05"])
+    cfg = load_config("classification", overrides=["data.image_size=32", "data.train_crop=random_resized", "data.min_scale=0.05"])
     dataset = ImageDataset(PackedImages(tmp_path / "images.npy", [f"{i}" for i in range(8)]), np.arange(8), np.zeros(8, np.int64), True, cfg)
-    torch.manual_seed(0)
-    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=seed_augmentations)
-    epochs = [torch.cat([b["image"] for b in loader]) for _ in range(2)]
-    first = epochs[0]
+    first, order = _epoch_images(dataset, workers=2, epoch=0)
     # Batch 0 comes from worker 0, batch 1 from worker 1: same input image, different crops.
     assert not torch.allclose(first[0], first[4])
-    assert not torch.allclose(epochs[0], epochs[1])
-    torch.manual_seed(0)
-    assert torch.equal(torch.cat([b["image"] for b in loader]), first)  # reproducible from the seed
+    second, second_order = _epoch_images(dataset, workers=2, epoch=1)
+    assert not torch.equal(order, second_order)
+    assert not torch.allclose(first[torch.argsort(order)], second[torch.argsort(second_order)])  # same image, new crop
+    again, again_order = _epoch_images(dataset, workers=0, epoch=0)  # no workers, as after a resume: identical
+    assert torch.equal(again, first) and torch.equal(again_order, order)
+
+
+def test_epoch_sampler_shards_disjointly_and_skips_seen_batches():
+    ranks = [EpochSampler(21, batch_size=4, seed=3, rank=r, world=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(5)
+    shares = [[i for _, i in sampler] for sampler in ranks]
+    assert [len(s) for s in shares] == [8, 8] and not set(shares[0]) & set(shares[1])  # 2 full batches each, 5 dropped
+    ranks[1].set_epoch(5, skip_batches=1)
+    assert [i for _, i in ranks[1]] == shares[1][4:] and len(ranks[1]) == 4
+    tiny = EpochSampler(3, batch_size=4, seed=0)  # smaller than one batch: wraps around to one full batch
+    assert sorted({i for _, i in tiny}) == [0, 1, 2] and len(list(tiny)) == 4
 
 
 def test_image_folder_layouts(tmp_path):
