@@ -104,6 +104,7 @@ def compare_summary(scores: dict[str, torch.Tensor], groups: torch.Tensor) -> di
     summary: dict[str, float] = {}
     for method in METHODS:
         if f"pointing_{method}" in scores:
+            # The uniform-map baseline does not depend on the map: ABN's energy_in_box_uniform already says it.
             found = localisation_summary({"pointing": scores[f"pointing_{method}"], "energy": scores[f"energy_{method}"],
                                           "uniform": scores[f"energy_{method}"]}, groups)
             summary |= {f"{name}_{method}": found[name] for name in ("pointing_game", "energy_in_box") if name in found}
