@@ -148,7 +148,8 @@ def write_report(out_dir: Path, cfg: dict[str, Any], metrics_csv: Path | None = 
     resolved ``cfg`` and the learning curves of ``metrics_csv`` (default out_dir/metrics.csv)."""
     out_dir = Path(out_dir)
     curves = learning_curves(metrics_csv or out_dir / "metrics.csv", out_dir)
-    tables = sorted((out_dir / "results").glob("*.csv"))
+    # Summaries first: the headline numbers, then the per-class / per-attribute detail.
+    tables = sorted((out_dir / "results").glob("*.csv"), key=lambda p: ("_summary" not in p.stem, p.stem))
     overlays = sorted((out_dir / "attention").glob("*.png"))
     ranked = [p for p in overlays if p.stem.endswith(("_best", "_worst"))]
     per_group = [p for p in overlays if p not in ranked]
