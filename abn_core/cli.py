@@ -21,6 +21,8 @@ def parse_args(task: Task, argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("command", nargs="?", default="train", help="train (default), eval or explain")
     parser.add_argument("--config", help=f"YAML config file (default configs/{task.name}.yaml)")
     parser.add_argument("--checkpoint", help="eval/explain: a run directory or a checkpoint inside it")
+    parser.add_argument("--top-k", type=int, default=5, help="explain: classes listed per image (default 5)")
+    parser.add_argument("--attention-mask", help="explain: a mask image (white = attend) replacing the attention map")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("items", nargs="*", help="KEY=VALUE overrides (and, for explain, images or folders)")
     args = parser.parse_intermixed_args(argv)
@@ -70,4 +72,9 @@ def _dispatch(task: Task, args: argparse.Namespace) -> int:
             raise UserError("eval needs --checkpoint RUN_DIR (or a checkpoint file inside a run directory)")
         engine.evaluate_checkpoint(task, args.checkpoint, args.config, args.items)
         return 0
-    raise UserError("explain is not available yet in this version; use eval (overlays are in RUN/attention/)")
+    from .explain import explain_command
+
+    if not args.checkpoint:
+        raise UserError("explain needs --checkpoint RUN_DIR and image files or folders")
+    explain_command(task, args.checkpoint, args.config, args.items, args.top_k, args.attention_mask)
+    return 0

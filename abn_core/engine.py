@@ -28,6 +28,7 @@ from .files import atomic_write_text, is_complete, recover_dir
 from .evaluation import predict, result_tables, save_maps, summary_dict, write_overlays, write_tables
 from .losses import ABNLoss, loss_from_cfg
 from .model import ABN, build_model
+from .report import write_galleries, write_report
 from .task import Task, TaskData
 
 FAULT_ENV = "ABN_SUITE_FAULT_AT"  # test hook: "e1b2" makes epoch 1's second batch's loss NaN
@@ -373,10 +374,12 @@ def _tensorboard(cfg: dict[str, Any], run_dir: Path) -> Any:
 def final_report(
     accelerator: Accelerator, model: torch.nn.Module, data: TaskData, cfg: dict[str, Any], run_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
-    """Evaluate on test data (validation data when there is none): tables, overlays, optional maps."""
+    """Evaluate on test data (validation data when there is none): tables, overlays, galleries,
+    optional maps, and report.html."""
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     loader = accelerator.prepare(make_loader(dataset, cfg))
-    pred = predict(accelerator, model, loader, cfg, f"evaluating {split}", keep_maps=cfg["eval"]["save_maps"])
+    pred = predict(accelerator, model, loader, cfg, f"evaluating {split}", keep_maps=cfg["eval"]["save_maps"],
+                   compare_cam=cfg["eval"]["compare_cam"])
     tables = result_tables(pred, data.class_names, data.multi_label)
     if accelerator.is_main_process:
         markdown = write_tables(tables, out_dir / "results", split)
@@ -384,6 +387,9 @@ def final_report(
                        out_dir / "attention", split, accelerator.device)
         if cfg["eval"]["save_maps"]:
             save_maps(pred, dataset, out_dir / "attention" / f"{split}_maps.npz")
+        write_galleries(accelerator.unwrap_model(model), dataset, pred, data.class_names, data.multi_label, cfg,
+                        out_dir / "attention", split, accelerator.device)
+        write_report(out_dir, cfg, run_dir / "metrics.csv")
         print("\n" + markdown)
         print(f"results written to {out_dir}")
     accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .cam import compare_scores, compare_summary
 from .data import ImageDataset
 from .metrics import localisation_scores, localisation_summary, multi_label_tables, part_pointing_scores, single_label_tables
 from .overlays import denormalize, save_grid
@@ -26,14 +27,17 @@ class Predictions:
     indices: torch.Tensor
     localisation: dict[str, torch.Tensor] | None
     maps: torch.Tensor | None  # N x T x h x w float16, when asked for
+    cam: dict[str, torch.Tensor] | None = None  # eval.compare_cam per-image scores (cam.compare_scores)
 
 
 @torch.no_grad()
 def predict(
-    accelerator: Accelerator, model: torch.nn.Module, loader: Any, cfg: dict[str, Any], desc: str, keep_maps: bool = False
+    accelerator: Accelerator, model: torch.nn.Module, loader: Any, cfg: dict[str, Any], desc: str, keep_maps: bool = False,
+    compare_cam: bool = False,
 ) -> Predictions:
     """Run ``model`` over ``loader`` on every process; gather_for_metrics drops the padding samples
-    that make the last batch even across processes, so every sample counts exactly once."""
+    that make the last batch even across processes, so every sample counts exactly once.
+    ``compare_cam`` adds Grad-CAM/CAM scores (costly: final evaluation only)."""
     model.eval()
     has_boxes = loader.dataset.boxes is not None
     size = cfg["data"]["image_size"]
@@ -55,6 +59,10 @@ def predict(
             record |= {f"loc_{k}": v for k, v in scores.items()}
             if "points" in batch:
                 record["loc_parts"] = part_pointing_scores(out.attention, batch["points"], size, cfg["eval"]["pointing_tolerance"])
+        if compare_cam:
+            boxes = batch["box"] if has_boxes else None
+            cams = compare_scores(accelerator.unwrap_model(model), images, out.attention, boxes, cfg)
+            record |= {f"cam_{k}": v for k, v in cams.items()}
         if keep_maps:
             record["maps"] = out.attention.to(torch.float16)
         for key, value in accelerator.gather_for_metrics(record).items():
@@ -63,7 +71,8 @@ def predict(
     order = torch.argsort(joined["indices"])
     joined = {k: v[order] for k, v in joined.items()}
     loc = {k.removeprefix("loc_"): v for k, v in joined.items() if k.startswith("loc_")} or None
-    return Predictions(joined["logits"], joined["att_logits"], joined["targets"], joined["indices"], loc, joined.get("maps"))
+    cam = {k.removeprefix("cam_"): v for k, v in joined.items() if k.startswith("cam_")} or None
+    return Predictions(joined["logits"], joined["att_logits"], joined["targets"], joined["indices"], loc, joined.get("maps"), cam)
 
 
 def result_tables(pred: Predictions, class_names: list[str], multi_label: bool) -> dict[str, pd.DataFrame]:
@@ -72,10 +81,12 @@ def result_tables(pred: Predictions, class_names: list[str], multi_label: bool) 
         tables = multi_label_tables(pred.logits, pred.att_logits, pred.targets, class_names)
     else:
         tables = single_label_tables(pred.logits, pred.att_logits, pred.targets.long(), class_names)
-    if pred.localisation is not None:
-        t = pred.localisation["pointing"].shape[1]
-        groups = torch.arange(t).expand(len(pred.targets), t) if multi_label else pred.targets.long()[:, None]
-        extra = localisation_summary(pred.localisation, groups)
+    t = len(class_names)
+    groups = torch.arange(t).expand(len(pred.targets), t) if multi_label else pred.targets.long()[:, None]
+    extra = localisation_summary(pred.localisation, groups) if pred.localisation is not None else {}
+    if pred.cam is not None:
+        extra |= compare_summary(pred.cam, groups)
+    if extra:
         tables["summary"] = pd.concat([tables["summary"], pd.DataFrame({"metric": list(extra), "value": list(extra.values())})], ignore_index=True)
     return tables
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
 # A truncated download must be an error, not a silently grey-padded image.
 Image.LOAD_TRUNCATED_IMAGES = False
 

@@ -15,9 +15,9 @@ import pandas as pd
 
 from abn_core.data import FileImages, ImageDataset, PackedImages, stratified_holdout
 from abn_core.errors import DataError
+from abn_core.images import IMAGE_SUFFIXES
 from abn_core.task import TaskData
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VAL_NAMES = ("val", "valid", "validation")
 BOX_COLUMNS = ["bbox_x", "bbox_y", "bbox_w", "bbox_h"]
 

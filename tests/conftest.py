@@ -16,3 +16,18 @@ def demo_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("abn-cache")
     os.environ["ABN_SUITE_CACHE"] = str(cache)
     return cache
+
+
+TINY_RUN = ["model.backbone=cifar_resnet20", "data.image_size=32", "data.resize_size=32", "data.max_per_split=32",
+            "train.batch_size=16", "eval.batch_size=32", "eval.max_attention_images=4", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, demo_cache):
+    """One tiny classification run on the demo data, shared by the explain/report/CAM tests."""
+    from abn_core.cli import run
+    from tasks import classification
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert run(classification.TASK, ["train", f"output_dir={out}", "train.epochs=1", *TINY_RUN]) == 0
+    return out
