@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # Real CUB part names (the first ones); several contain spaces, which parsers must survive.
 PART_NAMES = ["back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg",
@@ -44,7 +44,8 @@ def object_mask(rgb: np.ndarray) -> np.ndarray:
 
 def make_cub_folder(root: str | Path, n_classes: int = 5, images_per_class: int = 6, size: int = 64,
                     seed: int = 0, n_parts: int = 4, quirks: bool = True, exif_rotated: int = 0,
-                    shuffle_rows: bool = False, box_fraction: tuple[float, float] = (0.3, 0.5)) -> Path:
+                    shuffle_rows: bool = False, box_fraction: tuple[float, float] = (0.3, 0.5),
+                    distractors: int = 0) -> Path:
     """Write a fake CUB release under ``root`` (root/attributes.txt, root/CUB_200_2011/...); return root.
 
     Image sides are random in [0.7 * size, size]. With ``quirks`` one image each is saved as
@@ -52,6 +53,8 @@ def make_cub_folder(root: str | Path, n_classes: int = 5, images_per_class: int 
     orientations 2..8 in turn. ``shuffle_rows`` shuffles the line order of every per-image file
     (the real files are sorted by id; parsers must join by id anyway). ``n_parts=0``: no parts/.
     ``box_fraction``: the object's side as a (min, max) fraction of the image's side.
+    ``distractors``: hollow outlines in other classes' colours drawn beside the object, so that a
+    model must find the filled object to classify (colour alone does not decide the class).
     """
     rng = random.Random(seed)
     root = Path(root)
@@ -65,8 +68,10 @@ def make_cub_folder(root: str | Path, n_classes: int = 5, images_per_class: int 
     part_ids = list(range(1, n_parts + 1))
 
     for row in rows:
+        others = [class_colour(c, n_classes) for c in range(1, n_classes + 1) if c != row["class_id"]]
         row.update(_draw(rng, cub / "images" / row["path"], size, class_colour(row["class_id"], n_classes),
-                         special.get(row["image_id"], "rgb"), part_ids, box_fraction))
+                         special.get(row["image_id"], "rgb"), part_ids, box_fraction,
+                         rng.sample(others, min(distractors, len(others)))))
 
     def write(name: str, lines: list[str]) -> None:
         if shuffle_rows:
@@ -125,8 +130,22 @@ def _special_images(rng: random.Random, n_images: int, quirks: bool, exif_rotate
     return dict(zip(rng.sample(range(1, n_images + 1), len(kinds)), kinds))
 
 
+def _draw_outlines(rng: random.Random, image: Image.Image, box: tuple[int, int, int, int],
+                   colours: list[tuple[int, int, int]]) -> None:
+    """Hollow rectangles of the object's size in ``colours``, away from the object (best effort)."""
+    x0, y0, w, h = box
+    draw = ImageDraw.Draw(image)
+    for colour in colours:
+        for _ in range(20):
+            x, y = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+            if x + w <= x0 or x0 + w <= x or y + h <= y0 or y0 + h <= y:
+                draw.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=max(1, min(w, h) // 6))
+                break
+
+
 def _draw(rng: random.Random, path: Path, size: int, colour: tuple[int, int, int], kind: str,
-          part_ids: list[int], box_fraction: tuple[float, float]) -> dict:
+          part_ids: list[int], box_fraction: tuple[float, float],
+          distractor_colours: list[tuple[int, int, int]] = ()) -> dict:
     """Write one image; return its box (x, y, w, h) and parts [(x, y, visible)] in stored pixels."""
     width, height = rng.randint(int(size * 0.7), size), rng.randint(int(size * 0.7), size)
     low, high = box_fraction
@@ -137,6 +156,7 @@ def _draw(rng: random.Random, path: Path, size: int, colour: tuple[int, int, int
     pixels = noise.astype(np.uint8)
     pixels[y0:y0 + box_h, x0:x0 + box_w] = colour
     image = Image.fromarray(pixels)
+    _draw_outlines(rng, image, (x0, y0, box_w, box_h), distractor_colours)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "gray":
