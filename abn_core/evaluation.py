@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -146,7 +146,7 @@ def write_overlays(
     if not multi_label:
         return _single_label_overlays(model, dataset, pred, names, cfg, out_dir, split, device)
     pool = np.unique(np.linspace(0, len(dataset) - 1, num=min(len(dataset), limit * 4)).astype(int))
-    images, out = _run_on(model, dataset, pool, cfg, device)
+    images, out = run_on(model, dataset, pool, cfg, device)
     maps = out.attention.float().cpu()
     probs = torch.sigmoid(out.logits.float()).cpu()
     written = []
@@ -158,7 +158,7 @@ def write_overlays(
     return written
 
 
-def _run_on(model: torch.nn.Module, dataset: ImageDataset, indices: np.ndarray, cfg: dict[str, Any], device: torch.device) -> tuple[np.ndarray, Any]:
+def run_on(model: torch.nn.Module, dataset: ImageDataset, indices: Iterable[int], cfg: dict[str, Any], device: torch.device) -> tuple[np.ndarray, Any]:
     """Display images (uint8) and model outputs for dataset items ``indices``."""
     batch = torch.stack([dataset[int(i)]["image"] for i in indices]).to(device)
     model.eval()
@@ -180,7 +180,7 @@ def _single_label_overlays(
     for name, indices in (("overlays", per_class), ("confused", confused)):
         if len(indices) == 0:
             continue
-        images, out = _run_on(model, dataset, indices, cfg, device)
+        images, out = run_on(model, dataset, indices, cfg, device)
         maps = out.attention.float().cpu()
         rows = [(images[k], maps[k, 0], f"true: {names[targets[i]]} / pred: {names[predicted[i]]} ({confidence[i]:.2f})")
                 for k, i in enumerate(indices)]

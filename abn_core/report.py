@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from . import config as config_lib
 from .data import ImageDataset
-from .overlays import denormalize, save_grid
+from .evaluation import run_on
+from .overlays import save_grid
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 CHART_SIZE, MARGIN, LEGEND_WIDTH = (680, 300), 40, 200
@@ -105,10 +106,7 @@ def write_galleries(
             galleries[f"class_{_safe_name(names[c])}"] = torch.nonzero(labels == c)[:PER_CLASS_IMAGES, 0]
     written = []
     for gallery, indices in galleries.items():
-        batch = torch.stack([dataset[int(i)]["image"] for i in indices]).to(device)
-        model.eval()
-        out = model(batch)
-        images = denormalize(batch, cfg["data"]["mean"], cfg["data"]["std"])
+        images, out = run_on(model, dataset, indices, cfg, device)
         rows = [_gallery_item(images[k], out, k, pred, int(i), names, multi_label) for k, i in enumerate(indices)]
         written.append(save_grid(out_dir / f"{split}_{gallery}.png", rows, min_width=GALLERY_WIDTH))
     return written
