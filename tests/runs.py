@@ -25,6 +25,13 @@ def run_cli(args: list[str], launcher: list[str] | None = None, env: dict[str, s
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def finished_run(out: Path, args: list[str]) -> Path:
+    """``out`` after a successful ``run_cli`` of ``args`` into it (a module fixture's baseline run)."""
+    result = run_cli([f"output_dir={out}", *args])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from runs import TINY, run_cli
+from runs import TINY, finished_run, run_cli
 
 # 22 test images with eval batches of 4 on 2 processes: the last round is padded, the padding must not count.
 ARGS = ["train.epochs=1", *TINY, "data.max_per_split=22", "eval.batch_size=4", "train.batch_size=4"]
@@ -18,10 +18,7 @@ ACCELERATE = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    result = run_cli([f"output_dir={out}", *ARGS])
-    assert result.returncode == 0, result.stderr
-    return out
+    return finished_run(tmp_path_factory.mktemp("single") / "run", ARGS)
 
 
 def _assert_clean_two_process_exit(result, out: Path):

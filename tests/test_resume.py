@@ -4,17 +4,14 @@ import json
 import signal
 
 import pytest
-from runs import TINY, assert_same_results, run_cli
+from runs import TINY, assert_same_results, finished_run, run_cli
 
 ARGS = ["train.epochs=2", "train.checkpoint_every_steps=1", "data.min_scale=0.3", *TINY]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("baseline") / "run"
-    result = run_cli([f"output_dir={out}", *ARGS])
-    assert result.returncode == 0, result.stderr
-    return out
+    return finished_run(tmp_path_factory.mktemp("baseline") / "run", ARGS)
 
 
 def _crash_then_resume(out, crash_at, resume_args=()):
