@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import config as config_lib
 from .checkpoints import (Progress, crash_point, find_weights, load_training_state, load_weights, save_best_weights,
                           save_training_state)
-from .data import EpochSampler, ImageDataset, collate_skipping_bad
+from .data import EpochSampler, ImageDataset, collate_skipping_bad, model_input
 from .errors import ConfigError, DataError, NumericalError
 from .files import atomic_write_text, is_complete, recover_dir
 from .evaluation import predict, result_tables, save_maps, summary_dict, write_overlays, write_tables
@@ -237,9 +237,7 @@ def _forward_backward(
             raise DataError(f"every image of a training batch failed to decode ({', '.join(batch['skipped'])}); "
                             "data.on_bad_image=skip on several processes needs a decodable image in every batch")
         return torch.zeros(4, device=accelerator.device)
-    images, targets = batch["image"].to(accelerator.device), batch["target"].to(accelerator.device)
-    if cfg["model"]["channels_last"]:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, targets = model_input(batch["image"], cfg["data"], accelerator.device, cfg["model"]["channels_last"]), batch["target"].to(accelerator.device)
     with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
         with accelerator.autocast():
             out = model(images)

@@ -12,9 +12,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .cam import compare_scores, compare_summary
-from .data import ImageDataset
+from .data import ImageDataset, model_input
 from .metrics import localisation_scores, localisation_summary, multi_label_tables, part_pointing_scores, single_label_tables
-from .overlays import denormalize, save_grid
+from .overlays import save_grid
 
 
 @dataclass
@@ -43,9 +43,7 @@ def predict(
     size = cfg["data"]["image_size"]
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
-        images = batch["image"]
-        if cfg["model"]["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(batch["image"], cfg["data"], accelerator.device, cfg["model"]["channels_last"])
         with accelerator.autocast():
             out = model(images)
         record = {
@@ -160,9 +158,9 @@ def write_overlays(
 
 def run_on(model: torch.nn.Module, dataset: ImageDataset, indices: Iterable[int], cfg: dict[str, Any], device: torch.device) -> tuple[np.ndarray, Any]:
     """Display images (uint8) and model outputs for dataset items ``indices``."""
-    batch = torch.stack([dataset[int(i)]["image"] for i in indices]).to(device)
+    batch = torch.stack([dataset[int(i)]["image"] for i in indices])
     model.eval()
-    return denormalize(batch, cfg["data"]["mean"], cfg["data"]["std"]), model(batch)
+    return batch.numpy(), model(model_input(batch, cfg["data"], device, cfg["model"]["channels_last"]))
 
 
 def _single_label_overlays(

@@ -18,7 +18,7 @@ import torch
 
 from . import config as config_lib
 from .checkpoints import load_weights
-from .data import eval_transform
+from .data import as_image_tensor, eval_geometry, model_input
 from .errors import DataError, UserError
 from .images import IMAGE_SUFFIXES, ImageDecodeError, load_rgb_array
 from .overlays import save_grid
@@ -51,16 +51,16 @@ def _as_array(image: ImageInput) -> np.ndarray:
 
 
 def preprocess(images: Sequence[ImageInput], cfg: dict[str, Any], masks: Sequence[ImageInput] | None = None):
-    """Network inputs (N x 3 x S x S), their uint8 pictures, and masks mapped through the same
-    resize/crop (N x 1 x S x S in [0, 1]) when given (one mask per image)."""
-    geometry, normalize = eval_transform(cfg)
+    """Network inputs (N x S x S x 3 uint8, for :func:`model_input`), their pictures as arrays, and
+    masks mapped through the same resize/crop (N x 1 x S x S in [0, 1]) when given (one per image)."""
+    geometry = eval_geometry(cfg)
     no_boxes = np.zeros((0, 4), dtype=np.float32)
     tensors, pictures, mask_maps = [], [], []
     for k, image in enumerate(images):
         array = _as_array(image)
         cropped = geometry(array, no_boxes)[0]
         pictures.append(cropped)
-        tensors.append(normalize(image=cropped)["image"])
+        tensors.append(as_image_tensor(cropped))
         if masks is not None:
             # The mask is drawn on the original image: stretch it to that size, then crop likewise.
             gray = _as_array(masks[k]).astype(np.float32).mean(axis=2) / 255.0
@@ -97,7 +97,7 @@ def explain(
         runs.append(("edited", mask_maps.expand(-1, model.num_maps, -1, -1).to(device)))
     results: list[list[Explanation]] = [[] for _ in images]
     for source, attention in runs:
-        out = model(batch.to(device), attention=attention)
+        out = model(model_input(batch, cfg["data"], device), attention=attention)
         logits = out.logits.float().cpu()
         probs = torch.sigmoid(logits) if model.multi_label else torch.softmax(logits, dim=1)
         for k in range(len(images)):

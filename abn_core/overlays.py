@@ -19,14 +19,6 @@ def jet(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """N x 3 x H x W normalised tensors -> N x H x W x 3 uint8."""
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    pixels = (images.float().cpu() * s + m).clamp(0, 1) * 255
-    return pixels.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
-
-
 def blend(image: np.ndarray, attention: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
     """Overlay one h x w map, min-max normalised and upsampled to the image, on an H x W x 3 image."""
     h, w = image.shape[:2]

@@ -81,12 +81,26 @@ def test_augmentations_differ_between_workers_and_epochs_and_ignore_worker_count
     dataset = ImageDataset(PackedImages(tmp_path / "images.npy", [f"{i}" for i in range(8)]), np.arange(8), np.zeros(8, np.int64), True, cfg)
     first, order = _epoch_images(dataset, workers=2, epoch=0)
     # Batch 0 comes from worker 0, batch 1 from worker 1: same input image, different crops.
-    assert not torch.allclose(first[0], first[4])
+    assert not torch.equal(first[0], first[4])
     second, second_order = _epoch_images(dataset, workers=2, epoch=1)
     assert not torch.equal(order, second_order)
-    assert not torch.allclose(first[torch.argsort(order)], second[torch.argsort(second_order)])  # same image, new crop
+    assert not torch.equal(first[torch.argsort(order)], second[torch.argsort(second_order)])  # same image, new crop
     again, again_order = _epoch_images(dataset, workers=0, epoch=0)  # no workers, as after a resume: identical
     assert torch.equal(again, first) and torch.equal(again_order, order)
+
+
+def test_crop_position_and_flip_are_drawn_independently(tmp_path):
+    # Red = row, green = column: a crop's first pixel gives its offset; green falling along a row, a flip.
+    rows, columns = np.mgrid[0:64, 0:64]
+    np.save(tmp_path / "images.npy", np.stack([rows, columns, np.zeros_like(rows)], axis=2).astype(np.uint8)[None])
+    cfg = load_config("classification", overrides=["data.image_size=32", "data.resize_size=64", "data.train_crop=resize_random_crop"])
+    dataset = ImageDataset(PackedImages(tmp_path / "images.npy", ["0"]), np.zeros(1), np.zeros(1, np.int64), True, cfg)
+    crops = [dataset[(epoch, 0)]["image"] for epoch in range(300)]
+    top = np.array([int(c[0, 0, 0]) for c in crops])
+    flipped = np.array([int(c[0, 0, 1]) > int(c[0, -1, 1]) for c in crops])
+    # With one seed per transform (albumentations' set_random_seed) the flip follows the crop's offset.
+    for half in (top < 16, top >= 16):
+        assert 0.3 < flipped[half].mean() < 0.7
 
 
 def test_epoch_sampler_shards_disjointly_and_skips_seen_batches():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
-from abn_core.data import NormalizeToTensor
+from abn_core.data import model_input
 from abn_core.heads import AttentionTail
 from single_thread import one_thread  # noqa: F401
 
@@ -31,12 +31,13 @@ def test_pooling_before_logits_conv_matches_the_authors_order_in_values_and_grad
         torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_fused_normalize_matches_albumentations_normalize_then_to_tensor(dtype):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_input_matches_albumentations_normalize_then_to_tensor(channels_last):
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(9, 7, 3)).astype(dtype)
-    reference = A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()], strict=True)(image=image)["image"]
-    fused = A.Compose([NormalizeToTensor(mean=mean, std=std)], strict=True)(image=image)["image"]
-    assert fused.dtype == torch.float32 and fused.is_contiguous() and fused.shape == (3, 9, 7)
-    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 9, 7, 3)).astype(np.uint8)
+    per_image = A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()], strict=True)
+    reference = torch.stack([per_image(image=image)["image"] for image in images])
+    ours = model_input(torch.from_numpy(images), {"mean": mean, "std": std}, channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert ours.dtype == torch.float32 and ours.shape == (2, 3, 9, 7) and ours.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
