@@ -47,14 +47,13 @@ class Sizes:
     multi_batch: int
     attributes: int
     loading_images: int
-    loading_workers: int
     repeats: int
 
 
 MODES = {
-    "tiny": Sizes("resnet18", 32, 2, 10, "cifar_resnet20", 16, 2, 40, 4, 0, 1),
-    "quick": Sizes("resnet18", 96, 8, 200, "resnet18", 64, 4, 40, 256, 2, 5),
-    "full": Sizes("resnet50", 224, 16, 200, "resnet50", 224, 16, 40, 2048, 2, 7),
+    "tiny": Sizes("resnet18", 32, 2, 10, "cifar_resnet20", 16, 2, 40, 4, 1),
+    "quick": Sizes("resnet18", 96, 8, 200, "resnet18", 64, 4, 40, 512, 15),
+    "full": Sizes("resnet50", 224, 16, 200, "resnet50", 224, 16, 40, 2048, 7),
 }
 
 
@@ -185,35 +184,56 @@ def write_celeba_like(root: Path, count: int) -> tuple[list[str], Path]:
     return paths, root / "images_uint8.npy"
 
 
-def loading_ratio(sizes: Sizes) -> dict[str, Any]:
+def loading_ratios(sizes: Sizes) -> dict[str, dict[str, Any]]:
     """One pass of the CelebA training loader over packed data vs over the JPEGs (same transforms,
-    workers and batch size). Always wall-clock: the work happens in worker processes."""
+    workers and batch size), always wall-clock (the work happens in worker processes).
+
+    ``prepared_vs_raw_loading_time`` uses one worker per core but one, the core left being the one
+    the training process itself runs on; ``..._all_cores`` gives every core to workers (reported).
+    """
     from abn_core.engine import make_train_loader  # imports accelerate: not needed by the peak-memory children
 
+    cores = os.cpu_count() or 1
+    results = {}
     with tempfile.TemporaryDirectory(prefix="abn-bench-") as tmp:
         root = Path(tmp)
         paths, packed = write_celeba_like(root, sizes.loading_images)
-        cfg = load_config("celeba", overrides=[f"data.root={root}", f"data.num_workers={sizes.loading_workers}", f"train.batch_size={min(32, len(paths))}"])
-        rows = np.arange(len(paths))
-        targets = np.zeros((len(paths), sizes.attributes), dtype=np.float32)
-        loaders = [
-            make_train_loader(ImageDataset(source, rows, targets, True, cfg), cfg)
-            for source in (PackedImages(packed, paths), FileImages(root, paths))
-        ]
+        for name, workers in (("prepared_vs_raw_loading_time", max(1, cores - 1)), ("prepared_vs_raw_loading_time_all_cores", cores)):
+            cfg = load_config("celeba", overrides=[f"data.root={root}", f"data.num_workers={workers}", f"train.batch_size={min(32, len(paths))}"])
+            rows = np.arange(len(paths))
+            targets = np.zeros((len(paths), sizes.attributes), dtype=np.float32)
+            loaders = [
+                make_train_loader(ImageDataset(source, rows, targets, True, cfg), cfg)
+                for source in (PackedImages(packed, paths), FileImages(root, paths))
+            ]
 
-        def one_pass(loader) -> Callable[[], None]:
-            return lambda: sum(item["image"].shape[0] for item in loader)
+            def one_pass(loader) -> Callable[[], None]:
+                return lambda: sum(item["image"].shape[0] for item in loader)
 
-        entry = interleaved_ratio(one_pass(loaders[0]), one_pass(loaders[1]), sizes.repeats, clock="wall", label="prepared_vs_raw_loading_time")
-        entry["images"] = len(paths)
-        entry["workers"] = sizes.loading_workers
-        return entry
+            results[name] = interleaved_ratio(one_pass(loaders[0]), one_pass(loaders[1]), sizes.repeats, clock="wall", label=name)
+            results[name] |= {"images": len(paths), "workers": workers}
+            del loaders  # stops their persistent workers before the next pair starts
+    return results
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and its bf16 instruction sets (Linux; empty elsewhere): bf16 speed depends on them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("model name", ""), sorted(f for f in fields.get("flags", "").split() if "bf16" in f)
 
 
 def machine(threads: int, clock: str, mode: str) -> dict[str, Any]:
+    model_name, bf16_flags = cpu_model()
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": model_name,
+        "cpu_bf16_flags": bf16_flags,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
@@ -262,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ratios, raw, models = step_ratios(sizes, args.clock, args.threads)
     raw["eval_bf16_channels_last_vs_fp32_time"] = eval_precision_ratio(sizes, args.clock)
-    raw["prepared_vs_raw_loading_time"] = loading_ratio(sizes)
-    ratios |= {name: raw[name]["ratio"] for name in ("eval_bf16_channels_last_vs_fp32_time", "prepared_vs_raw_loading_time")}
+    raw |= loading_ratios(sizes)
+    ratios |= {name: entry["ratio"] for name, entry in raw.items() if name not in ratios}
     result = {"ratios": ratios, "raw": raw, "machine": machine(args.threads, args.clock, mode), "models": models, "sizes": asdict(sizes)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

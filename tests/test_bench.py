@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 RATIOS = {
     "abn_paper_vs_backbone_step", "abn_light_vs_backbone_step", "official_abn_vs_backbone_step",
     "abn_paper_vs_official_step", "multilabel_shared_vs_single_step", "multilabel_fold_vs_loop_step",
-    "eval_bf16_channels_last_vs_fp32_time", "prepared_vs_raw_loading_time",
+    "eval_bf16_channels_last_vs_fp32_time", "prepared_vs_raw_loading_time", "prepared_vs_raw_loading_time_all_cores",
 }
 
 
