@@ -45,6 +45,17 @@ def test_paper_head_layers_follow_the_authors_code():
     assert out.attention.shape == (1, 1, 6, 8)
 
 
+@pytest.mark.parametrize("attention", ["paper", "light"])
+def test_attention_convs_start_as_the_authors_initialise_them(attention):
+    # He normal with fan_out, as the authors' code initialises every conv (PyTorch's default is far smaller).
+    torch.manual_seed(0)
+    tail = build_model("resnet18", num_classes=50, attention=attention).attention_branch.tail
+    for conv in (tail.conv_reduce, tail.conv_map, tail.conv_logits):
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        expected = (2.0 / fan_out) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1, conv
+
+
 def test_torchvision_state_dict_names_load_unchanged():
     model = build_model("resnet18", num_classes=1000)
     missing, unexpected = model.load_state_dict(models.resnet18().state_dict(), strict=False)
