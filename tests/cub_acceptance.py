@@ -7,7 +7,9 @@ object in its class colour at a random place, small relative to the image, besid
 in other classes' colours: colour alone does not give the class, the model has to find the object), prepares them with data_prep/cub.py, trains ResNet-18
 without pretrained weights at 96 px on CPU and prints the test summary. Expected: accuracy far
 above chance (0.1), energy_in_box clearly above energy_in_box_uniform, pointing_game high.
-Extra KEY=VALUE items override the training config (e.g. train.epochs=8).
+Extra KEY=VALUE items override the training config (e.g. train.epochs=8). Then prints a diagnosis
+(see ``diagnose``): where the class-evidence maps that M is mixed from point, and whether the
+perception branch uses M at all.
 """
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
+
+from abn_core.checkpoints import find_weights, load_weights
+from abn_core.config import read_yaml
+from abn_core.data import model_input
+from abn_core.metrics import localisation_scores
+from abn_core.model import build_model
+from tasks import cub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cub_fixture import make_cub_folder  # noqa: E402
@@ -40,7 +50,38 @@ def main(work: Path, overrides: list[str], per_class: int = 200) -> pd.Series:
                     "train.resume=null", *TRAINING, *overrides], check=True)
     summary = pd.read_csv(run_dir / "results" / "test_summary.csv").set_index("metric")["value"]
     print(summary.to_string())
+    print(diagnose(run_dir).to_string())
     return summary
+
+
+@torch.no_grad()
+def diagnose(run_dir: Path, images: int = 250) -> pd.Series:
+    """Scores of the attention branch's summed class-evidence maps a = ReLU(BN(conv(features))) (M is
+    sigmoid(BN(conv3x3(a))) with learned mixing weights), the mixing weights' sums per class, and the
+    test accuracy with M replaced by a constant: equal accuracy means the perception ignores M."""
+    cfg = read_yaml(run_dir / "config.yaml")
+    data = cub.TASK.build_data(cfg)
+    model = build_model(cfg["model"]["backbone"], len(data.class_names), cfg["model"]["attention"])
+    load_weights(model, find_weights(run_dir)[1])
+    model.eval()
+    tail, evidence = model.attention_branch.tail, []
+    tail.bn_reduce.register_forward_hook(lambda module, args, out: evidence.append(torch.relu(out)))
+    items = [data.test[i] for i in range(0, len(data.test), max(1, len(data.test) // images))]
+    x = model_input(torch.stack([item["image"] for item in items]), cfg["data"])
+    boxes, targets = torch.stack([item["box"] for item in items]), torch.stack([item["target"] for item in items])
+    out = model(x)
+    constant = model(x, attention=torch.full_like(out.attention, out.attention.mean().item()))
+    size, tolerance = cfg["data"]["image_size"], cfg["eval"]["pointing_tolerance"]
+    rows = {}
+    for name, maps in (("M", out.attention), ("summed_class_evidence", evidence[0].sum(dim=1, keepdim=True))):
+        scores = localisation_scores(maps, boxes, size, tolerance)
+        rows |= {f"{name}_pointing_game": scores["pointing"].nanmean().item(), f"{name}_energy_in_box": scores["energy"].nanmean().item()}
+    rows["accuracy_own_M"] = (out.logits.argmax(1) == targets).float().mean().item()
+    rows["accuracy_constant_M"] = (constant.logits.argmax(1) == targets).float().mean().item()
+    mixing = tail.conv_map.weight.sum(dim=(0, 2, 3))
+    rows["mixing_weights_negative"] = int((mixing < 0).sum())
+    rows["mixing_weights_total"] = mixing.sum().item()
+    return pd.Series(rows)
 
 
 if __name__ == "__main__":
