@@ -18,7 +18,7 @@ import torch
 
 from . import config as config_lib
 from .checkpoints import load_weights
-from .data import as_image_tensor, eval_geometry, model_input
+from .data import eval_geometry, model_input
 from .errors import DataError, UserError
 from .images import IMAGE_SUFFIXES, ImageDecodeError, load_rgb_array
 from .overlays import save_grid
@@ -55,19 +55,17 @@ def preprocess(images: Sequence[ImageInput], cfg: dict[str, Any], masks: Sequenc
     masks mapped through the same resize/crop (N x 1 x S x S in [0, 1]) when given (one per image)."""
     geometry = eval_geometry(cfg)
     no_boxes = np.zeros((0, 4), dtype=np.float32)
-    tensors, pictures, mask_maps = [], [], []
+    pictures, mask_maps = [], []
     for k, image in enumerate(images):
         array = _as_array(image)
-        cropped = geometry(array, no_boxes)[0]
-        pictures.append(cropped)
-        tensors.append(as_image_tensor(cropped))
+        pictures.append(geometry(array, no_boxes)[0])
         if masks is not None:
             # The mask is drawn on the original image: stretch it to that size, then crop likewise.
             gray = _as_array(masks[k]).astype(np.float32).mean(axis=2) / 255.0
             gray = cv2.resize(gray, (array.shape[1], array.shape[0]), interpolation=cv2.INTER_LINEAR)
             mask_maps.append(torch.from_numpy(geometry(gray, no_boxes)[0]))
     mask_tensor = torch.stack(mask_maps)[:, None] if masks is not None else None
-    return torch.stack(tensors), pictures, mask_tensor
+    return torch.from_numpy(np.stack(pictures)), pictures, mask_tensor
 
 
 def default_config() -> dict[str, Any]:

@@ -198,10 +198,10 @@ def loading_ratios(sizes: Sizes) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="abn-bench-") as tmp:
         root = Path(tmp)
         paths, packed = write_celeba_like(root, sizes.loading_images)
+        rows = np.arange(len(paths))
+        targets = np.zeros((len(paths), sizes.attributes), dtype=np.float32)
         for name, workers in (("prepared_vs_raw_loading_time", max(1, cores - 1)), ("prepared_vs_raw_loading_time_all_cores", cores)):
             cfg = load_config("celeba", overrides=[f"data.root={root}", f"data.num_workers={workers}", f"train.batch_size={min(32, len(paths))}"])
-            rows = np.arange(len(paths))
-            targets = np.zeros((len(paths), sizes.attributes), dtype=np.float32)
             loaders = [
                 make_train_loader(ImageDataset(source, rows, targets, True, cfg), cfg)
                 for source in (PackedImages(packed, paths), FileImages(root, paths))

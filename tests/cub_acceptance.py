@@ -24,8 +24,8 @@ import torch
 from abn_core.checkpoints import find_weights, load_weights
 from abn_core.config import read_yaml
 from abn_core.data import model_input
+from abn_core.engine import model_from_cfg
 from abn_core.metrics import localisation_scores
-from abn_core.model import build_model
 from tasks import cub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +61,7 @@ def diagnose(run_dir: Path, images: int = 250) -> pd.Series:
     test accuracy with M replaced by a constant: equal accuracy means the perception ignores M."""
     cfg = read_yaml(run_dir / "config.yaml")
     data = cub.TASK.build_data(cfg)
-    model = build_model(cfg["model"]["backbone"], len(data.class_names), cfg["model"]["attention"])
+    model = model_from_cfg(cfg, data, pretrained=False)
     load_weights(model, find_weights(run_dir)[1])
     model.eval()
     tail, evidence = model.attention_branch.tail, []
