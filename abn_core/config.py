@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.train_crop": ("random_resized", "resize_random_crop", "resize"),
     "data.eval_mode": ("resize_crop", "resize"),
     "model.attention": ("paper", "light"),
+    "model.attention_map_init": ("positive", "authors"),
     "model.perception": ("shared", "per_attribute"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("cosine", "step", "constant"),

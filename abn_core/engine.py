@@ -86,6 +86,7 @@ def model_from_cfg(cfg: dict[str, Any], data: TaskData, pretrained: bool = True)
         m["backbone"], len(data.class_names), attention=m["attention"], multi_label=data.multi_label,
         pretrained=m["pretrained"] if pretrained else None, perception=m["perception"],
         attention_width=m["attention_width"], perception_chunk=m["perception_chunk"],
+        attention_map_init=m["attention_map_init"],
     )
 
 

@@ -19,10 +19,11 @@ class AttentionTail(nn.Module):
 
     ``a = ReLU(BN(conv_reduce(x)))``; ``M = sigmoid(BN(conv_map(a)))`` (3x3, as the authors' code);
     ``att_logits = GAP(conv_logits(a))``. Single-label: K = classes, one map. Multi-label: K = T
-    attributes and T maps, one per attribute.
+    attributes and T maps, one per attribute. ``map_init``: ``authors`` is their signed He-normal
+    init exactly; ``positive`` (default) starts each map's weights on its own evidence non-negative.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_maps: int):
+    def __init__(self, in_channels: int, num_classes: int, num_maps: int, map_init: str = "positive"):
         super().__init__()
         self.conv_reduce = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=False)
         self.bn_reduce = nn.BatchNorm2d(num_classes)
@@ -30,6 +31,9 @@ class AttentionTail(nn.Module):
         self.bn_map = nn.BatchNorm2d(num_maps)
         self.conv_logits = nn.Conv2d(num_classes, num_classes, kernel_size=1, bias=False)
         reset_parameters(self)  # the authors initialise these convs like the backbone's, not with PyTorch's default
+        if map_init == "positive":
+            with torch.no_grad():
+                _make_map_weights_start_on_their_evidence(self.conv_map.weight)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = F.relu(self.bn_reduce(self.conv_reduce(features)))
@@ -48,12 +52,13 @@ class PaperAttentionBranch(nn.Module):
     att_conv2 -> tail.conv_logits.
     """
 
-    def __init__(self, last_stage: nn.Module, out_channels: int, num_classes: int, num_maps: int):
+    def __init__(self, last_stage: nn.Module, out_channels: int, num_classes: int, num_maps: int,
+                 map_init: str = "positive"):
         super().__init__()
         self.stage = set_stride_one(copy.deepcopy(last_stage))
         reset_parameters(self.stage)
         self.bn_stage = nn.BatchNorm2d(out_channels)
-        self.tail = AttentionTail(out_channels, num_classes, num_maps)
+        self.tail = AttentionTail(out_channels, num_classes, num_maps, map_init)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tail(self.bn_stage(self.stage(features)))
@@ -67,7 +72,7 @@ class LightAttentionBranch(nn.Module):
     context; the paper head's full stage copy sees a larger receptive field).
     """
 
-    def __init__(self, in_channels: int, width: int, num_classes: int, num_maps: int):
+    def __init__(self, in_channels: int, width: int, num_classes: int, num_maps: int, map_init: str = "positive"):
         super().__init__()
         self.block = nn.Sequential(
             nn.Conv2d(in_channels, width, kernel_size=1, bias=False),
@@ -78,13 +83,31 @@ class LightAttentionBranch(nn.Module):
             nn.ReLU(inplace=True),
         )
         reset_parameters(self.block)
-        self.tail = AttentionTail(width, num_classes, num_maps)
+        self.tail = AttentionTail(width, num_classes, num_maps, map_init)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tail(self.block(features))
 
 
 ATTENTION_HEADS = ("paper", "light")
+MAP_INITS = ("positive", "authors")
+
+
+def _make_map_weights_start_on_their_evidence(weight: torch.Tensor) -> None:
+    """Flip to positive the map conv's weights (maps x K x 3 x 3) from the evidence a map stands for:
+    all K classes for the single-label map, attribute t's own channel for map t.
+
+    Only the perception loss trains this conv, and at the start it has no preference for where M is
+    high (measured on the CUB acceptance data: the gradient favours the object in half the images at
+    init, in 90 % once trained, but is then too small to flip a sign). With random signs M's polarity
+    is a coin flip: most of our runs from scratch ended with less of M on the object than a uniform map
+    would put there. Started on the (ReLU, so non-negative) evidence, M begins high where the evidence
+    is; training may still change it."""
+    if weight.shape[0] == 1:
+        weight.abs_()
+    else:
+        own = torch.arange(weight.shape[0])
+        weight[own, own] = weight[own, own].abs()
 
 
 def reset_parameters(module: nn.Module) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .backbones import BACKBONES, BackboneSpec, stage_channels
 from .errors import ConfigError
-from .heads import ATTENTION_HEADS, LightAttentionBranch, PaperAttentionBranch
+from .heads import ATTENTION_HEADS, MAP_INITS, LightAttentionBranch, PaperAttentionBranch
 
 PERCEPTION_MODES = ("shared", "per_attribute")
 
@@ -42,6 +42,7 @@ class ABN(nn.Module):
         perception: str = "shared",
         attention_width: int = 256,
         perception_chunk: int = 8,
+        attention_map_init: str = "positive",
     ):
         super().__init__()
         backbone = spec.build()
@@ -56,9 +57,11 @@ class ABN(nn.Module):
         self.perception_chunk = max(1, perception_chunk)
         num_maps = num_classes if multi_label else 1
         if attention == "paper":
-            self.attention_branch = PaperAttentionBranch(self.last_stage, out_channels, num_classes, num_maps)
+            self.attention_branch = PaperAttentionBranch(self.last_stage, out_channels, num_classes, num_maps,
+                                                         attention_map_init)
         else:
-            self.attention_branch = LightAttentionBranch(in_channels, attention_width, num_classes, num_maps)
+            self.attention_branch = LightAttentionBranch(in_channels, attention_width, num_classes, num_maps,
+                                                         attention_map_init)
 
     @property
     def last_stage(self) -> nn.Module:
@@ -123,6 +126,7 @@ def build_model(
     perception: str = "shared",
     attention_width: int = 256,
     perception_chunk: int = 8,
+    attention_map_init: str = "positive",
 ) -> ABN:
     """Build an ABN. ``pretrained``: a torchvision weights name (e.g. ``IMAGENET1K_V2``) or a local file."""
     from .weights import load_pretrained  # weights imports this module
@@ -133,9 +137,12 @@ def build_model(
         raise ConfigError(f"model.attention: unknown attention head {attention!r}; choose one of {', '.join(ATTENTION_HEADS)}")
     if perception not in PERCEPTION_MODES:
         raise ConfigError(f"model.perception: unknown mode {perception!r}; choose one of {', '.join(PERCEPTION_MODES)}")
+    if attention_map_init not in MAP_INITS:
+        raise ConfigError(f"model.attention_map_init: unknown init {attention_map_init!r}; choose one of {', '.join(MAP_INITS)}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be positive, got {num_classes}")
-    model = ABN(BACKBONES[backbone], num_classes, attention, multi_label, perception, attention_width, perception_chunk)
+    model = ABN(BACKBONES[backbone], num_classes, attention, multi_label, perception, attention_width, perception_chunk,
+                attention_map_init)
     if pretrained:
         load_pretrained(model, backbone, pretrained)
     return model

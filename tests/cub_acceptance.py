@@ -4,12 +4,14 @@
 
 Writes N (default 200: 2,000 images) images for each of 10 classes in the exact CUB layout (a filled
 object in its class colour at a random place, small relative to the image, beside three hollow outlines
-in other classes' colours: colour alone does not give the class, the model has to find the object), prepares them with data_prep/cub.py, trains ResNet-18
+in other classes' colours: colour alone does not give the class, the model has to find the object),
+prepares them with data_prep/cub.py, trains ResNet-18
 without pretrained weights at 96 px on CPU and prints the test summary. Expected: accuracy far
 above chance (0.1), energy_in_box clearly above energy_in_box_uniform, pointing_game high.
 Extra KEY=VALUE items override the training config (e.g. train.epochs=8). Then prints a diagnosis
-(see ``diagnose``): where the class-evidence maps that M is mixed from point, and whether the
-perception branch uses M at all.
+(see ``diagnose``): where the class-evidence maps that M is mixed from point, whether the
+perception branch uses M at all, and the sign of the mixing weights (``model.attention_map_init=authors``
+gives them the authors' random signs, which from scratch often leaves M on the background).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import pandas as pd
 import torch
 
 from abn_core.checkpoints import find_weights, load_weights
-from abn_core.config import read_yaml
+from abn_core.config import load_config
 from abn_core.data import model_input
 from abn_core.engine import model_from_cfg
 from abn_core.metrics import localisation_scores
@@ -31,6 +33,8 @@ from tasks import cub
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cub_fixture import make_cub_folder  # noqa: E402
 
+DATA = dict(n_classes=10, size=128, n_parts=4, shuffle_rows=True, box_fraction=(0.15, 0.3), distractors=3)
+SHORT_SIDE = "104"
 TRAINING = ["model.backbone=resnet18", "model.pretrained=null", "data.image_size=96", "data.resize_size=104",
             "data.train_crop=resize_random_crop", "data.eval_mode=resize_crop", "data.num_workers=0",
             # From scratch SGD at lr 0.05 diverged in the first epoch (loss 4.7 -> 6); 0.02 with clipping trains.
@@ -42,10 +46,9 @@ TRAINING = ["model.backbone=resnet18", "model.pretrained=null", "data.image_size
 def main(work: Path, overrides: list[str], per_class: int = 200) -> pd.Series:
     src, prepared, run_dir = work / "src", work / "prepared", work / "run"
     if not (src / "CUB_200_2011").is_dir():
-        make_cub_folder(src, n_classes=10, images_per_class=per_class, size=128, n_parts=4, shuffle_rows=True,
-                        box_fraction=(0.15, 0.3), distractors=3)
+        make_cub_folder(src, images_per_class=per_class, **DATA)
     subprocess.run([sys.executable, "data_prep/cub.py", "--src", str(src), "--out", str(prepared),
-                    "--short-side", "104", "--workers", "1"], check=True)
+                    "--short-side", SHORT_SIDE, "--workers", "1"], check=True)
     subprocess.run([sys.executable, "-m", "tasks.cub", "train", f"data.root={prepared}", f"output_dir={run_dir}",
                     "train.resume=null", *TRAINING, *overrides], check=True)
     summary = pd.read_csv(run_dir / "results" / "test_summary.csv").set_index("metric")["value"]
@@ -59,7 +62,7 @@ def diagnose(run_dir: Path, images: int = 250) -> pd.Series:
     """Scores of the attention branch's summed class-evidence maps a = ReLU(BN(conv(features))) (M is
     sigmoid(BN(conv3x3(a))) with learned mixing weights), the mixing weights' sums per class, and the
     test accuracy with M replaced by a constant: equal accuracy means the perception ignores M."""
-    cfg = read_yaml(run_dir / "config.yaml")
+    cfg = load_config("cub", run_dir / "config.yaml")
     data = cub.TASK.build_data(cfg)
     model = model_from_cfg(cfg, data, pretrained=False)
     load_weights(model, find_weights(run_dir)[1])

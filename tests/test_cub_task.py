@@ -10,6 +10,7 @@ from abn_core.cli import run
 from abn_core.config import load_config
 from abn_core.data import EvalGeometry
 from abn_core.metrics import localisation_scores, localisation_summary, part_pointing_scores
+import cub_acceptance
 from cub_fixture import make_cub_folder, object_mask
 from data_prep import cub as prep_cub
 from tasks import cub
@@ -151,6 +152,23 @@ def test_cub_run_writes_every_output(prepared, tmp_path):
     x, y, w, h = maps["crop_boxes"].T
     np.testing.assert_allclose(w, sizes.min(axis=1) * 32 / 40, rtol=0.05)
     assert (x >= 0).all() and (y >= 0).all() and (x + w <= sizes[:, 0] + 0.5).all() and (y + h <= sizes[:, 1] + 0.5).all()
+
+
+@pytest.mark.slow
+def test_a_short_run_from_scratch_puts_its_map_on_the_objects(tmp_path):
+    # tests/cub_acceptance.py cut to 600 images and 6 epochs. With the authors' random-sign map init
+    # this run ends with M on the background (pointing 0.16, energy 0.8x uniform where we measured it).
+    src, prepared, out = tmp_path / "src", tmp_path / "prepared", tmp_path / "run"
+    make_cub_folder(src, images_per_class=60, **cub_acceptance.DATA)
+    assert prep_cub.main(["--src", str(src), "--out", str(prepared), "--short-side", cub_acceptance.SHORT_SIDE,
+                          "--workers", "0"]) == 0
+    args = ["train", f"data.root={prepared}", f"output_dir={out}", *cub_acceptance.TRAINING, "train.epochs=6",
+            "eval.save_maps=false", "eval.max_attention_images=0"]
+    assert run(cub.TASK, args) == 0
+    summary = pd.read_csv(out / "results/test_summary.csv").set_index("metric")["value"]
+    assert summary["accuracy"] > 0.3  # chance: 0.1
+    assert summary["energy_in_box"] > 1.4 * summary["energy_in_box_uniform"]
+    assert summary["pointing_game"] > 0.3
 
 
 @pytest.mark.parametrize("extra", [None, "configs/cub_light.yaml", "configs/cub_smoke.yaml"])
