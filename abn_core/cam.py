@@ -75,13 +75,18 @@ def deletion_insertion(
     return tuple(torch.trapezoid(torch.stack(curve, dim=1), dx=1.0 / steps, dim=1) for curve in (deletion, insertion))
 
 
+def check_compare_cam(multi_label: bool) -> None:
+    """Grad-CAM and CAM here explain one predicted class; multi-label models have no single one."""
+    if multi_label:
+        raise ConfigError("eval.compare_cam: supported for single-label tasks only; set eval.compare_cam=false")
+
+
 def compare_scores(model: torch.nn.Module, images: torch.Tensor, attention: torch.Tensor, boxes: torch.Tensor | None,
                    cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``eval.compare_cam`` per-image scores (N x 1 each): localisation of Grad-CAM and CAM against
     ``boxes`` (when given), and deletion/insertion AUC of ABN's ``attention`` and of Grad-CAM, all for
     the predicted class."""
-    if model.multi_label:
-        raise ConfigError("eval.compare_cam: supported for single-label tasks only; set eval.compare_cam=false")
+    check_compare_cam(model.multi_label)
     images = images.float()
     with torch.no_grad():
         target = model(images).logits.argmax(dim=1)

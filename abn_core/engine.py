@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import config as config_lib
+from .cam import check_compare_cam
 from .checkpoints import (Progress, crash_point, find_weights, load_training_state, load_weights, save_best_weights,
                           save_training_state)
 from .data import EpochSampler, ImageDataset, collate_skipping_bad, model_input
@@ -146,6 +147,8 @@ def train(task: Task, cfg: dict[str, Any]) -> Path:
     set_seed(cfg["seed"])
     with accelerator.main_process_first():
         data = task.build_data(cfg)
+    if cfg["eval"]["compare_cam"]:
+        check_compare_cam(data.multi_label)  # now, not after the whole training
     model = model_from_cfg(cfg, data)
     if cfg["model"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -9,7 +9,8 @@ import torch.nn as nn
 from abn_core import ConfigError, build_model
 from abn_core.cam import compare_scores, deletion_insertion, perception_maps
 from abn_core.cli import run
-from tasks import classification
+from runs import TINY
+from tasks import celeba, classification
 
 
 class GapFc(nn.Module):
@@ -79,6 +80,13 @@ def test_compare_cam_refuses_multi_label():
     cfg = {"data": {"image_size": 16}, "eval": {"pointing_tolerance": 3, "deletion_steps": 2}}
     with pytest.raises(ConfigError, match="eval.compare_cam"):
         compare_scores(model, torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 4, 4), None, cfg)
+
+
+def test_compare_cam_on_a_multi_label_task_stops_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(celeba.TASK, ["train", f"output_dir={out}", "eval.compare_cam=true", *TINY]) == 2
+    assert "eval.compare_cam: supported for single-label tasks only" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
 
 
 def test_perception_maps_on_an_abn_match_its_feature_grid():
