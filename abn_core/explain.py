@@ -6,6 +6,7 @@ perception branch, so one can see how the decision changes when attention moves.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,10 +153,14 @@ def run_labels(run_dir: Path) -> tuple[list[str], bool] | None:
     return None
 
 
-def explain_command(task: Any, checkpoint: str, config_file: str | None, items: Sequence[str], top_k: int, attention_mask: str | None) -> Path:
-    """``explain``: overlays under <out>/explain/ and <out>/predictions.csv (out: output_dir or the run)."""
+def explain_command(task: Any, checkpoint: str, config_file: str | None, items: Sequence[str], top_k: int,
+                    attention_mask: str | None) -> Path | None:
+    """``explain``: overlays under <out>/explain/ and <out>/predictions.csv (out: output_dir or the run).
+    Under a multi-process launcher only the main process works (returns None elsewhere)."""
     from .engine import model_from_cfg, run_from_checkpoint  # engine imports evaluation, which is heavy
 
+    if int(os.environ.get("RANK", "0")) > 0:
+        return None  # the others would write the same files over each other
     overrides = [i for i in items if "=" in i and not Path(i).exists()]
     cfg, run_dir, weights, out_dir = run_from_checkpoint(task, checkpoint, config_file, overrides)
     paths = collect_images([i for i in items if i not in overrides])

@@ -38,6 +38,14 @@ def test_explain_cli_writes_predictions_and_overlays(tiny_run, odd_images, tmp_p
         assert Image.open(out / "explain" / f"{stem}.png").size[0] > 0
 
 
+def test_explain_under_a_multi_process_launcher_writes_from_the_main_process_only(tiny_run, odd_images, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # what accelerate launch / torchrun set in the second process
+    out = tmp_path / "explained"
+    assert run(classification.TASK, ["explain", "--checkpoint", str(tiny_run), str(odd_images), f"output_dir={out}"]) == 0
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_attention_mask_changes_the_used_map(tiny_run, odd_images, tmp_path):
     mask = np.zeros((40, 40), dtype=np.uint8)
