@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .metrics import localisation_scores, localisation_summary
+from .metrics import localisation_scores, localisation_summary, part_pointing_scores
 
 METHODS = ("gradcam", "cam")
 
@@ -82,20 +82,23 @@ def check_compare_cam(multi_label: bool) -> None:
 
 
 def compare_scores(model: torch.nn.Module, images: torch.Tensor, attention: torch.Tensor, boxes: torch.Tensor | None,
-                   cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+                   cfg: dict[str, Any], points: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``eval.compare_cam`` per-image scores (N x 1 each): localisation of Grad-CAM and CAM against
-    ``boxes`` (when given), and deletion/insertion AUC of ABN's ``attention`` and of Grad-CAM, all for
-    the predicted class."""
+    ``boxes`` and part ``points`` (when given), and deletion/insertion AUC of ABN's ``attention`` and of
+    Grad-CAM, all for the predicted class."""
     check_compare_cam(model.multi_label)
     images = images.float()
     with torch.no_grad():
         target = model(images).logits.argmax(dim=1)
     maps = perception_maps(model, images, target)
     scores: dict[str, torch.Tensor] = {}
-    if boxes is not None:
-        for method, cam in maps.items():
-            found = localisation_scores(cam[:, None], boxes, cfg["data"]["image_size"], cfg["eval"]["pointing_tolerance"])
+    size, tolerance = cfg["data"]["image_size"], cfg["eval"]["pointing_tolerance"]
+    for method, cam in maps.items():
+        if boxes is not None:
+            found = localisation_scores(cam[:, None], boxes, size, tolerance)
             scores |= {f"{key}_{method}": found[key] for key in ("pointing", "energy")}
+        if boxes is not None and points is not None:
+            scores[f"parts_{method}"] = part_pointing_scores(cam[:, None], points, size, tolerance)
     steps = cfg["eval"]["deletion_steps"]
     for suffix, saliency in (("", attention[:, 0]), ("_gradcam", maps["gradcam"])):
         deletion, insertion = deletion_insertion(model, images, saliency, target, steps)
@@ -105,14 +108,19 @@ def compare_scores(model: torch.nn.Module, images: torch.Tensor, attention: torc
 
 def compare_summary(scores: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, float]:
     """Summary metrics: pointing_game_gradcam, energy_in_box_gradcam (and _cam) when boxes exist,
-    deletion_auc, insertion_auc, deletion_auc_gradcam, insertion_auc_gradcam."""
+    pointing_game_parts_gradcam (and _cam) with parts, deletion_auc, insertion_auc, deletion_auc_gradcam,
+    insertion_auc_gradcam."""
     summary: dict[str, float] = {}
     for method in METHODS:
         if f"pointing_{method}" in scores:
             # The uniform-map baseline does not depend on the map: ABN's energy_in_box_uniform already says it.
-            found = localisation_summary({"pointing": scores[f"pointing_{method}"], "energy": scores[f"energy_{method}"],
-                                          "uniform": scores[f"energy_{method}"]}, groups)
-            summary |= {f"{name}_{method}": found[name] for name in ("pointing_game", "energy_in_box") if name in found}
+            mine = {"pointing": scores[f"pointing_{method}"], "energy": scores[f"energy_{method}"],
+                    "uniform": scores[f"energy_{method}"]}
+            if f"parts_{method}" in scores:
+                mine["parts"] = scores[f"parts_{method}"]
+            found = localisation_summary(mine, groups)
+            summary |= {f"{name}_{method}": found[name] for name in ("pointing_game", "energy_in_box", "pointing_game_parts")
+                        if name in found}
     for suffix in ("", "_gradcam"):
         for name in ("deletion", "insertion"):
             summary[f"{name}_auc{suffix}"] = float(scores[f"{name}{suffix}"].float().mean())

@@ -1,4 +1,5 @@
 """Grad-CAM, CAM and deletion/insertion AUC against hand-computed cases; eval.compare_cam end to end."""
+import math
 from types import SimpleNamespace
 
 import pandas as pd
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from abn_core import ConfigError, build_model
-from abn_core.cam import compare_scores, deletion_insertion, perception_maps
+from abn_core.cam import compare_scores, compare_summary, deletion_insertion, perception_maps
 from abn_core.cli import run
 from runs import TINY
 from tasks import celeba, classification
@@ -87,6 +88,23 @@ def test_compare_cam_on_a_multi_label_task_stops_before_training(tmp_path, capsy
     assert run(celeba.TASK, ["train", f"output_dir={out}", "eval.compare_cam=true", *TINY]) == 2
     assert "eval.compare_cam: supported for single-label tasks only" in capsys.readouterr().err
     assert not (out / "checkpoints").exists()
+
+
+def test_gradcam_and_cam_play_the_part_pointing_game():
+    # One channel with one bright cell at x=2, y=1: both maps of the only scoring class peak there.
+    images = torch.zeros(2, 1, 4, 4)
+    images[:, 0, 1, 2] = 1.0
+    model = GapFc(nn.Identity(), torch.tensor([[1.0], [0.0]]))
+    boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0]]]).expand(2, 1, 4)
+    points = torch.tensor([[[2.5, 1.5], [math.nan, math.nan]], [[0.5, 3.5], [3.5, 3.5]]])  # hit; two misses
+    cfg = {"data": {"image_size": 4}, "eval": {"pointing_tolerance": 1.0, "deletion_steps": 2}}
+    scores = compare_scores(model, images, torch.zeros(2, 1, 4, 4), boxes, cfg, points)
+    for method in ("gradcam", "cam"):
+        assert scores[f"parts_{method}"].flatten().tolist() == [1.0, 0.0]
+    summary = compare_summary(scores, torch.zeros(2, 1, dtype=torch.long))
+    assert summary["pointing_game_parts_gradcam"] == summary["pointing_game_parts_cam"] == 0.5
+    assert "pointing_game_parts_cam" not in compare_summary(compare_scores(model, images, torch.zeros(2, 1, 4, 4), boxes, cfg),
+                                                             torch.zeros(2, 1, dtype=torch.long))
 
 
 def test_perception_maps_on_an_abn_match_its_feature_grid():
