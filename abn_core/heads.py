@@ -94,7 +94,7 @@ MAP_INITS = ("positive", "authors")
 
 
 def _make_map_weights_start_on_their_evidence(weight: torch.Tensor) -> None:
-    """Flip to positive the map conv's weights (maps x K x 3 x 3) from the evidence a map stands for:
+    """Make non-negative the map conv's weights (maps x K x 3 x 3) from the evidence a map stands for:
     all K classes for the single-label map, attribute t's own channel for map t.
 
     Only the perception loss trains this conv, and at the start it has no preference for where M is
