@@ -81,27 +81,25 @@ def check_compare_cam(multi_label: bool) -> None:
         raise ConfigError("eval.compare_cam: supported for single-label tasks only; set eval.compare_cam=false")
 
 
-def compare_scores(model: torch.nn.Module, images: torch.Tensor, attention: torch.Tensor, boxes: torch.Tensor | None,
-                   cfg: dict[str, Any], points: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def compare_scores(model: torch.nn.Module, images: torch.Tensor, attention: torch.Tensor, predicted: torch.Tensor,
+                   boxes: torch.Tensor | None, cfg: dict[str, Any], points: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``eval.compare_cam`` per-image scores (N x 1 each): localisation of Grad-CAM and CAM against
     ``boxes`` and part ``points`` (when given), and deletion/insertion AUC of ABN's ``attention`` and of
-    Grad-CAM, all for the predicted class."""
+    Grad-CAM, all for the ``predicted`` class (N,), the one the result tables score."""
     check_compare_cam(model.multi_label)
     images = images.float()
-    with torch.no_grad():
-        target = model(images).logits.argmax(dim=1)
-    maps = perception_maps(model, images, target)
+    maps = perception_maps(model, images, predicted)
     scores: dict[str, torch.Tensor] = {}
     size, tolerance = cfg["data"]["image_size"], cfg["eval"]["pointing_tolerance"]
-    for method, cam in maps.items():
-        if boxes is not None:
+    if boxes is not None:
+        for method, cam in maps.items():
             found = localisation_scores(cam[:, None], boxes, size, tolerance)
             scores |= {f"{key}_{method}": found[key] for key in ("pointing", "energy")}
-        if boxes is not None and points is not None:
-            scores[f"parts_{method}"] = part_pointing_scores(cam[:, None], points, size, tolerance)
+            if points is not None:
+                scores[f"parts_{method}"] = part_pointing_scores(cam[:, None], points, size, tolerance)
     steps = cfg["eval"]["deletion_steps"]
     for suffix, saliency in (("", attention[:, 0]), ("_gradcam", maps["gradcam"])):
-        deletion, insertion = deletion_insertion(model, images, saliency, target, steps)
+        deletion, insertion = deletion_insertion(model, images, saliency, predicted, steps)
         scores |= {f"deletion{suffix}": deletion[:, None], f"insertion{suffix}": insertion[:, None]}
     return scores
 

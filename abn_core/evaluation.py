@@ -59,7 +59,8 @@ def predict(
                 record["loc_parts"] = part_pointing_scores(out.attention, batch["points"], size, cfg["eval"]["pointing_tolerance"])
         if compare_cam:
             boxes = batch["box"] if has_boxes else None
-            cams = compare_scores(accelerator.unwrap_model(model), images, out.attention, boxes, cfg, batch.get("points"))
+            cams = compare_scores(accelerator.unwrap_model(model), images, out.attention, out.logits.argmax(dim=1), boxes, cfg,
+                                  batch.get("points"))
             record |= {f"cam_{k}": v for k, v in cams.items()}
         if keep_maps:
             record["maps"] = out.attention.to(torch.float16)

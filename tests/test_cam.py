@@ -80,7 +80,7 @@ def test_compare_cam_refuses_multi_label():
     model = build_model("cifar_resnet20", num_classes=3, multi_label=True)
     cfg = {"data": {"image_size": 16}, "eval": {"pointing_tolerance": 3, "deletion_steps": 2}}
     with pytest.raises(ConfigError, match="eval.compare_cam"):
-        compare_scores(model, torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 4, 4), None, cfg)
+        compare_scores(model, torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), None, cfg)
 
 
 def test_compare_cam_on_a_multi_label_task_stops_before_training(tmp_path, capsys):
@@ -98,12 +98,13 @@ def test_gradcam_and_cam_play_the_part_pointing_game():
     boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0]]]).expand(2, 1, 4)
     points = torch.tensor([[[2.5, 1.5], [math.nan, math.nan]], [[0.5, 3.5], [3.5, 3.5]]])  # hit; two misses
     cfg = {"data": {"image_size": 4}, "eval": {"pointing_tolerance": 1.0, "deletion_steps": 2}}
-    scores = compare_scores(model, images, torch.zeros(2, 1, 4, 4), boxes, cfg, points)
+    predicted = model(images).logits.argmax(dim=1)
+    scores = compare_scores(model, images, torch.zeros(2, 1, 4, 4), predicted, boxes, cfg, points)
     for method in ("gradcam", "cam"):
         assert scores[f"parts_{method}"].flatten().tolist() == [1.0, 0.0]
     summary = compare_summary(scores, torch.zeros(2, 1, dtype=torch.long))
     assert summary["pointing_game_parts_gradcam"] == summary["pointing_game_parts_cam"] == 0.5
-    assert "pointing_game_parts_cam" not in compare_summary(compare_scores(model, images, torch.zeros(2, 1, 4, 4), boxes, cfg),
+    assert "pointing_game_parts_cam" not in compare_summary(compare_scores(model, images, torch.zeros(2, 1, 4, 4), predicted, boxes, cfg),
                                                              torch.zeros(2, 1, dtype=torch.long))
 
 
